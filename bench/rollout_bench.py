@@ -1,0 +1,137 @@
+"""PPO rollouts by vLLM against Hugging Face `generate`, and one full PPO step split into its parts.
+
+    python bench/rollout_bench.py [--model DIR] [--prompts 64] [--max-new-tokens 32] [--repeats 3]
+
+Both backends are the trainer's own (trainer.rollout), in one run, on the same model, the same prompts
+(corpus prompts), the same length cap and temperature 1 with the same per-prompt seeds, after a warm-up
+batch; answers stop at end-of-sequence as in training, so the mean answer length of each is printed beside
+samples/s. The model is --model (default var/models/base, `make model`'s small preset) or, when that is
+missing, a tiny one built into var/models/tiny. torch runs on --threads threads (1 by default: on a shared
+CPU a second thread mostly waits); vLLM's CPU worker picks its own.
+
+Then one PPO step per backend (rollout_batch_size = --prompts, the default minibatches and epochs, an
+untrained reward model of the same base: its quality does not change the timings), timed as
+rollout (sampling), scoring (reward model, log-probs and values of policy and reference, advantages) and
+update (the PPO epochs, with the adapter refresh). The second step is reported: the first warms up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from trainer.corpus import sample_prompts  # noqa: E402
+from trainer.data import prompt_from_messages  # noqa: E402
+from trainer.init_model import build_base_model  # noqa: E402
+from trainer.ppo import PPOConfig, load_policy, train_ppo  # noqa: E402
+from trainer.reward_model import RewardModel, RewardModelConfig  # noqa: E402
+from trainer.rollout import HFRollout, VllmRollout  # noqa: E402
+from trainer.tokens import load_tokenizer, prompt_ids  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def base_model(requested: Path) -> Path:
+    if (requested / "config.json").is_file():
+        return requested
+    tiny = ROOT / "var" / "models" / "tiny"
+    if not (tiny / "config.json").is_file():
+        print(f"{requested} has no model: building the tiny preset into {tiny}", flush=True)
+        build_base_model(tiny, preset="tiny")
+    return tiny
+
+
+def time_rollouts(rollout, queries: list[list[int]], max_new_tokens: int, repeats: int) -> dict[str, float]:
+    seeds = list(range(len(queries)))
+    rollout.generate(queries, 1, max_new_tokens, 1.0, seeds)  # warm-up
+    seconds, tokens = [], []
+    for repeat in range(repeats):
+        started = time.perf_counter()
+        responses = rollout.generate(queries, 1, max_new_tokens, 1.0, [s + repeat for s in seeds])
+        seconds.append(time.perf_counter() - started)
+        tokens.append(sum(map(len, responses)))
+    median = statistics.median(seconds)
+    return {
+        "seconds": median,
+        "samples_per_s": len(queries) / median,
+        "tokens_per_s": statistics.mean(tokens) / median,
+        "mean_tokens": statistics.mean(tokens) / len(queries),
+    }
+
+
+def time_ppo_step(model: Path, rollout, config: PPOConfig, prompts, work: Path) -> dict[str, float]:
+    history: list[dict] = []
+    train_ppo(model, work / "rm", prompts, work / "adapter", config, on_step=history.append, rollout=rollout)
+    return history[-1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, default=ROOT / "var" / "models" / "base")
+    parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model = base_model(args.model)
+    tokenizer = load_tokenizer(model)
+    prompts = [prompt_from_messages(m) for m in sample_prompts(args.prompts, seed=0)]
+    queries = [prompt_ids(tokenizer, p) for p in prompts]
+    config = PPOConfig(steps=2, rollout_batch_size=args.prompts, max_new_tokens=args.max_new_tokens)
+    policy = load_policy(model, config).eval()
+    parameters = sum(p.numel() for p in policy.get_base_model().parameters())
+
+    hf = HFRollout(tokenizer)
+    hf.refresh(policy)
+    rollouts = {"hf": time_rollouts(hf, queries, args.max_new_tokens, args.repeats)}
+    steps, engine_start = {}, {}
+    with tempfile.TemporaryDirectory() as work:
+        work = Path(work)
+        RewardModel.create(model, RewardModelConfig()).save(work / "rm", RewardModelConfig(), {})
+        steps["hf"] = time_ppo_step(model, hf, config, prompts, work)
+        for sync in ("weights", "lora"):  # one engine at a time: they would share the 2 cores
+            name = f"vllm-{sync}"
+            started = time.perf_counter()
+            vllm = VllmRollout(model, config.lora_r, sync)
+            engine_start[name] = time.perf_counter() - started
+            try:
+                vllm.refresh(policy)
+                rollouts[name] = time_rollouts(vllm, queries, args.max_new_tokens, args.repeats)
+                steps[name] = time_ppo_step(model, vllm, config, prompts, work)
+            finally:
+                vllm.close()
+
+    print(f"\nmodel {model} ({parameters / 1e6:.2f}M parameters), torch threads {args.threads}")
+    print(f"rollouts: {args.prompts} prompts, up to {args.max_new_tokens} new tokens, temperature 1, "
+          f"median of {args.repeats} after a warm-up")  # fmt: skip
+    print(
+        f"{'backend':<13} {'seconds':>8} {'samples/s':>10} {'tokens/s':>9} {'tokens/answer':>14} {'vs hf':>6}"
+    )
+    for name, r in rollouts.items():
+        ratio = r["samples_per_s"] / rollouts["hf"]["samples_per_s"]
+        print(f"{name:<13} {r['seconds']:>8.3f} {r['samples_per_s']:>10.1f} {r['tokens_per_s']:>9.0f} "
+              f"{r['mean_tokens']:>14.1f} {ratio:>5.1f}x")  # fmt: skip
+    print(
+        "goal: vLLM at least 5x; vLLM engine start (once per run): "
+        + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in engine_start.items())
+    )
+    print(
+        f"\nPPO step: {args.prompts} rollouts, {config.ppo_epochs} epochs of minibatches of {config.minibatch_size}"
+    )
+    print(f"{'backend':<13} {'rollout':>8} {'scoring':>8} {'update':>8} {'total s':>8} {'rollout %':>10}")
+    for name, m in steps.items():
+        print(f"{name:<13} {m['rollout_seconds']:>8.2f} {m['scoring_seconds']:>8.2f} {m['update_seconds']:>8.2f} "
+              f"{m['seconds']:>8.2f} {100 * m['rollout_seconds'] / m['seconds']:>9.0f}%")  # fmt: skip
+
+
+if __name__ == "__main__":  # vLLM starts worker processes, which import this module again
+    main()

@@ -1,0 +1,1 @@
+"""What serving and trainer share beyond the events: settings, Kafka clients, the policy registry."""

@@ -1,0 +1,115 @@
+"""The policy registry: immutable, numbered LoRA adapter versions over one frozen base model.
+
+Layout under the root:
+    versions/000001/   adapter_config.json, adapter_model.safetensors, manifest.json
+    staging/           half-written versions; never read
+
+A version directory appears by one atomic rename, so a reader sees a whole version or none, and two
+publishers racing for the same number cannot overwrite each other (the loser takes the next number).
+Version "v0" is the base model itself, with no adapter.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+BASE_VERSION = "v0"
+MANIFEST = "manifest.json"
+
+
+def version_name(number: int) -> str:
+    return f"v{number}"
+
+
+def version_number(name: str) -> int:
+    """'v12' -> 12. Raises ValueError on anything else."""
+    if not name.startswith("v") or not name[1:].isdigit():
+        raise ValueError(f"not a policy version: {name!r} (expected v<number>)")
+    return int(name[1:])
+
+
+@dataclass(frozen=True)
+class PolicyVersion:
+    number: int
+    path: Path | None  # None for the base model
+    manifest: dict
+
+    @property
+    def name(self) -> str:
+        return version_name(self.number)
+
+    @property
+    def is_base(self) -> bool:
+        return self.number == 0
+
+
+BASE_POLICY = PolicyVersion(number=0, path=None, manifest={"version": BASE_VERSION})
+
+
+class PolicyRegistry:
+    def __init__(self, root: Path | str):
+        self.root = Path(root)
+        self._versions = self.root / "versions"
+        self._staging = self.root / "staging"
+
+    def publish(self, adapter_dir: Path, *, base_model: str, parent: str, metrics: dict[str, float]) -> PolicyVersion:
+        """Copy a saved PEFT adapter in as the next version and return it."""
+        self._versions.mkdir(parents=True, exist_ok=True)
+        self._staging.mkdir(parents=True, exist_ok=True)
+        staged = self._staging / uuid.uuid4().hex
+        shutil.copytree(adapter_dir, staged)
+        number = self._latest_number() + 1
+        while True:
+            manifest = {
+                "version": version_name(number),
+                "base_model": base_model,
+                "parent": parent,
+                "created_at": datetime.now(UTC).isoformat(),
+                "metrics": metrics,
+            }
+            (staged / MANIFEST).write_text(json.dumps(manifest, indent=2))
+            try:
+                os.rename(staged, self._dir(number))
+            except OSError as exc:
+                if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+                number += 1
+                continue
+            return PolicyVersion(number=number, path=self._dir(number), manifest=manifest)
+
+    def get(self, name: str) -> PolicyVersion:
+        """The version called `name` ('v0' is the base model). Raises KeyError if unknown."""
+        number = version_number(name)
+        if number == 0:
+            return BASE_POLICY
+        path = self._dir(number)
+        manifest_path = path / MANIFEST
+        if not manifest_path.is_file():
+            raise KeyError(name)
+        return PolicyVersion(number=number, path=path, manifest=json.loads(manifest_path.read_text()))
+
+    def latest(self) -> PolicyVersion:
+        number = self._latest_number()
+        return self.get(version_name(number))
+
+    def list(self) -> list[PolicyVersion]:
+        return [BASE_POLICY] + [self.get(version_name(n)) for n in self._numbers()]
+
+    def _dir(self, number: int) -> Path:
+        return self._versions / f"{number:06d}"
+
+    def _numbers(self) -> list[int]:
+        if not self._versions.is_dir():
+            return []
+        return sorted(int(p.name) for p in self._versions.iterdir() if p.name.isdigit() and (p / MANIFEST).is_file())
+
+    def _latest_number(self) -> int:
+        numbers = self._numbers()
+        return numbers[-1] if numbers else 0

@@ -1,0 +1,29 @@
+"""`python -m serving`: the chat API on vLLM, configured from the environment (see serving/settings.py)."""
+
+import logging
+
+import uvicorn
+
+from serving.app import build_app
+from serving.event_log import KafkaEventLog
+from serving.settings import ServingSettings
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings = ServingSettings()
+
+    def make_engine():
+        from serving.engine.vllm_engine import VllmEngine  # imports vLLM: only in the real server
+
+        return VllmEngine(settings)
+
+    def make_events():
+        return KafkaEventLog(settings, settings.event_queue_size, settings.feedback_ack_timeout_s)
+
+    app = build_app(settings, make_engine, make_events)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=10)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""The FastAPI application: routers, error handlers, middleware, and the life cycle of its parts."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI
+
+from common.registry import PolicyRegistry
+from serving.auth import require_admin_key, require_api_key
+from serving.chat import ChatService
+from serving.completion_index import CompletionIndex
+from serving.engine import EngineClient
+from serving.errors import install_error_handlers
+from serving.event_log import EventSink
+from serving.middleware import BodySizeLimit, RequestMetrics
+from serving.policy import PolicyFollower, PolicyManager
+from serving.routes import admin, chat, feedback, health, models, page
+from serving.settings import ServingSettings
+
+log = logging.getLogger(__name__)
+
+
+def build_app(
+    settings: ServingSettings,
+    make_engine: Callable[[], EngineClient],
+    make_events: Callable[[], EventSink],
+) -> FastAPI:
+    """The app, with its engine and event sink built at start-up (vLLM needs the running event loop)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine = make_engine()
+        events = make_events()
+        policies = PolicyManager(engine, PolicyRegistry(settings.registry_dir), settings.served_model_name)
+        follower = None
+        if settings.follow_policy_topic:
+            follower = PolicyFollower(settings, policies, asyncio.get_running_loop())
+            await asyncio.to_thread(follower.start)
+        await policies.activate_latest()
+        index = CompletionIndex(settings.completion_index_size)
+        app.state.engine, app.state.events, app.state.policies = engine, events, policies
+        app.state.completion_index = index
+        app.state.chat = ChatService(engine, policies, events, index, max_n=settings.max_n)
+        log.info("serving %s at policy %s", settings.served_model_name, policies.current.name)
+        try:
+            yield
+        finally:
+            if follower:
+                await asyncio.to_thread(follower.stop)
+            await asyncio.to_thread(events.close)
+            engine.shutdown()
+
+    app = FastAPI(title="RLHF service", version="0.1.0", lifespan=lifespan)
+    app.state.settings = settings
+    for module in (chat, models, feedback):
+        app.include_router(module.router, dependencies=[Depends(require_api_key)])
+    app.include_router(admin.router, dependencies=[Depends(require_admin_key)])
+    app.include_router(health.router)
+    app.include_router(page.router)
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestMetrics)
+    return app

@@ -1,0 +1,26 @@
+"""`Annotated` dependency aliases: routes declare what they need, app.py decides what it is."""
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from serving.chat import ChatService
+from serving.completion_index import CompletionIndex
+from serving.engine import EngineClient
+from serving.event_log import EventSink
+from serving.policy import PolicyManager
+
+
+def _state(name: str):
+    # async: FastAPI runs a plain `def` dependency on a worker thread, a hop per request per dependency.
+    async def get(request: Request):
+        return getattr(request.app.state, name)
+
+    return Depends(get)
+
+
+ChatServiceDep = Annotated[ChatService, _state("chat")]
+PoliciesDep = Annotated[PolicyManager, _state("policies")]
+EventsDep = Annotated[EventSink, _state("events")]
+CompletionIndexDep = Annotated[CompletionIndex, _state("completion_index")]
+EngineDep = Annotated[EngineClient, _state("engine")]

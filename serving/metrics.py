@@ -1,0 +1,22 @@
+"""Serving's Prometheus metrics. They live in the default registry, beside vLLM's own engine metrics."""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+REQUESTS = Counter("rlhf_http_requests_total", "HTTP requests by route and status.", ["route", "status"])
+REQUEST_LATENCY = Histogram(
+    "rlhf_request_latency_seconds", "Request latency, to the last byte.", ["route"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+TIME_TO_FIRST_TOKEN = Histogram(
+    "rlhf_time_to_first_token_seconds", "Time from request to the first generated text.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+IN_FLIGHT = Gauge("rlhf_requests_in_flight", "Chat completions being generated now.")
+GENERATED_TOKENS = Counter("rlhf_generated_tokens_total", "Completion tokens generated, by policy version.", ["version"])
+POLICY_VERSION = Gauge("rlhf_policy_version_info", "1 for the policy version new requests get, 0 for others.", ["version"])
+POLICY_NUMBER = Gauge("rlhf_policy_version_number", "Number of the version new requests get (0: base).")
+POLICY_SWITCHES = Counter("rlhf_policy_switches_total", "Times the served policy version changed.")
+FEEDBACK = Counter("rlhf_feedback_total", "Feedback accepted, by type.", ["type"])
+EVENTS_SENT = Counter("rlhf_events_sent_total", "Events acknowledged by Kafka, by topic kind.", ["kind"])
+EVENTS_FAILED = Counter("rlhf_events_failed_total", "Events Kafka did not take (after the client's retries).", ["kind"])
+EVENTS_DROPPED = Counter("rlhf_completion_events_dropped_total", "Completion events dropped: buffer full.")

@@ -1,0 +1,39 @@
+"""Serving settings, from SERVING_* environment variables (plus the shared KAFKA_/RLHF_ ones)."""
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from common.settings import SharedSettings
+
+
+class ServingSettings(SharedSettings):
+    model_config = SettingsConfigDict(env_prefix="SERVING_", extra="ignore", validate_by_name=True)
+
+    host: str = Field("127.0.0.1", description="Interface to listen on (0.0.0.0 in a container).")
+    port: int = Field(8000, description="HTTP port.")
+    served_model_name: str = Field("rlhf-policy", description="The `model` name clients send and /v1/models lists.")
+    max_model_len: int = Field(512, ge=16, description="Context length (prompt + completion) in tokens.")
+    dtype: str = Field("float32", description="Weights dtype for vLLM ('auto' on GPUs).")
+    kv_cache_gib: int = Field(1, ge=1, description="CPU backend only: KV-cache size in GiB.")
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="GPU backend only: memory fraction.")
+    max_loras: int = Field(4, ge=2, description="Adapters resident at once: at least the current and previous.")
+    max_lora_rank: int = Field(16, description="Largest LoRA rank a published policy may have.")
+    max_n: int = Field(4, ge=1, description="Largest `n` (choices per request) accepted.")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="Requests with a larger body get 413.")
+    completion_index_size: int = Field(
+        100_000, ge=1, description="Recent completion ids remembered, to reject feedback on unknown ones."
+    )
+    event_queue_size: int = Field(
+        10_000, ge=1, description="Completion events buffered for Kafka before new ones are dropped (counted)."
+    )
+    feedback_ack_timeout_s: float = Field(
+        10.0, gt=0, description="How long /v1/feedback waits for Kafka's acknowledgement before a 503."
+    )
+    api_keys: list[str] = Field(
+        default_factory=list,
+        description="Bearer keys apps must send (JSON list, e.g. '[\"k1\",\"k2\"]'); empty: no key needed.",
+    )
+    admin_key: str | None = Field(
+        None, description="Bearer key for endpoints that change the served policy; unset: as open as the API."
+    )
+    follow_policy_topic: bool = Field(True, description="Switch to each new version announced by the trainer.")

@@ -1,0 +1,87 @@
+"""Serving's Kafka parts against a real broker (embedded Tansu, or KAFKA_BOOTSTRAP_SERVERS)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from common.kafka import make_consumer, make_producer
+from common.registry import PolicyRegistry
+from feedback import CompletionEvent, FeedbackEvent, PolicyEvent, parse_feedback
+from serving.event_log import KafkaEventLog
+from serving.policy import PolicyFollower, PolicyManager
+from tests.serving.fakes import FakeEngine
+from tests.serving.test_policy import publish_fake_adapter
+
+pytestmark = pytest.mark.kafka
+
+
+@pytest.fixture
+def kafka_settings(kafka_settings, request):
+    # Own topics per test: the session's serving process follows the session-wide policy topic.
+    return kafka_settings.model_copy(update={"topic_prefix": f"{kafka_settings.topic_prefix}{request.node.name}."})
+
+
+def read_topic(settings, topic: str, expected: int, timeout_s: float = 20.0) -> list:
+    consumer = make_consumer(settings, [topic], group_id=None)
+    records, deadline = [], time.monotonic() + timeout_s
+    while len(records) < expected and time.monotonic() < deadline:
+        for batch in consumer.poll(timeout_ms=200).values():
+            records.extend(batch)
+    consumer.close()
+    return records
+
+
+def test_completions_and_feedback_reach_their_topics(kafka_settings):
+    log = KafkaEventLog(kafka_settings, queue_size=100, ack_timeout_s=10)
+    completion = CompletionEvent.model_validate({
+        "completion_id": "chatcmpl-k1", "model": "m", "policy_version": "v0",
+        "messages": [{"role": "user", "content": "hi"}],
+        "choices": [{"index": 0, "text": "hello", "finish_reason": "stop", "completion_tokens": 1}],
+        "sampling": {"temperature": 1.0, "top_p": 1.0, "max_tokens": 8}, "prompt_tokens": 3,
+    })
+    feedback = FeedbackEvent(feedback=parse_feedback(
+        {"type": "thumbs", "completion_id": "chatcmpl-k1", "rating": "up"}))
+    log.log_completion(completion)
+    asyncio.run(log.record_feedback(feedback))  # returns only once the broker has acknowledged it
+    log.close()
+
+    [completion_record] = read_topic(kafka_settings, kafka_settings.completions_topic, 1)
+    assert completion_record.key == "chatcmpl-k1"
+    assert CompletionEvent.model_validate_json(completion_record.value) == completion
+    [feedback_record] = read_topic(kafka_settings, kafka_settings.feedback_topic, 1)
+    assert feedback_record.key == "chatcmpl-k1"
+    assert FeedbackEvent.model_validate_json(feedback_record.value) == feedback
+
+
+def test_follower_switches_to_announced_versions_only_forward(kafka_settings, tmp_path):
+    registry = PolicyRegistry(tmp_path / "registry")
+    engine = FakeEngine()
+
+    async def scenario() -> list[str]:
+        manager = PolicyManager(engine, registry, "m")
+        follower = PolicyFollower(kafka_settings, manager, asyncio.get_running_loop())
+        await asyncio.to_thread(follower.start)
+        producer = make_producer(kafka_settings)
+        seen = []
+        try:
+            v1 = publish_fake_adapter(registry, tmp_path)
+            v2 = publish_fake_adapter(registry, tmp_path)
+            for version in (v2, v1):  # v1 arrives late: it must not roll serving back
+                producer.send(kafka_settings.policy_topic, key="policy",
+                              value=PolicyEvent(version=version, base_model="base")).get(10)
+            for _ in range(200):
+                await asyncio.sleep(0.05)
+                if manager.current.name == "v2":
+                    break
+            await asyncio.sleep(1.0)  # time for the late v1 to be (not) applied
+            seen.append(manager.current.name)
+        finally:
+            await asyncio.to_thread(follower.stop)
+            producer.close()
+        return seen
+
+    assert asyncio.run(scenario()) == ["v2"]
+    assert engine.loaded == ["v2"]

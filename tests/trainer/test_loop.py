@@ -1,0 +1,303 @@
+"""The training loop with fake learners: rounds publish versions, announce them, and keep their books."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from common.kafka import ensure_topics, make_consumer, make_producer
+from common.registry import PolicyRegistry
+from deploy.local_broker import free_port
+from feedback.events import PolicyEvent
+from tests.trainer.test_ingest import isolated_settings, produce, wait_until
+from tests.trainer.test_store import COMPLETIONS, OTHER_PROMPT, PROMPT, feedback, ref
+from trainer.data import RewardDataset
+from trainer.loop import Learners, RoundAbandoned, TrainingLoop
+from trainer.store import EventBatch, FeedbackStore
+
+pytestmark = pytest.mark.kafka
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class Killed(BaseException):
+    """Stands for the process being killed: no `except Exception` catches it."""
+
+
+class FakeLearners:
+    """Records what the loop hands the learners and writes stand-ins for their outputs."""
+
+    def __init__(
+        self, fail_ppo: bool = False, stop_during_ppo: threading.Event | None = None, kill_ppo: bool = False
+    ):
+        self.fail_ppo = fail_ppo
+        self.kill_ppo = kill_ppo
+        self.stop_during_ppo = stop_during_ppo
+        self.reward_model_calls: list[dict] = []
+        self.ppo_calls: list[dict] = []
+
+    def learners(self) -> Learners:
+        return Learners(train_reward_model=self.train_reward_model, train_ppo=self.train_ppo)
+
+    def train_reward_model(self, base_model, data: RewardDataset, out_dir: Path, config, init_from=None):
+        self.reward_model_calls.append(dict(data=data, out_dir=out_dir, config=config, init_from=init_from))
+        out_dir.mkdir(parents=True)
+        (out_dir / "head.safetensors").write_text("fake")
+        (out_dir / "reward_model.json").write_text(json.dumps({"metrics": {"train_loss": 0.25}}))
+        return {"train_loss": 0.25}
+
+    def train_ppo(self, base_model, reward_model_dir, prompts, out_adapter_dir: Path, config,
+                  init_adapter=None, reference_adapter=None, ptx_texts=None, on_step=None,
+                  checkpoint_dir=None):  # fmt: skip
+        self.ppo_calls.append(
+            dict(reward_model_dir=reward_model_dir, prompts=prompts, config=config, init_adapter=init_adapter,
+                 ptx_texts=ptx_texts, checkpoint_dir=checkpoint_dir)
+        )  # fmt: skip
+        if self.fail_ppo:
+            raise RuntimeError("PPO diverged")
+        if self.kill_ppo:
+            raise Killed
+        if self.stop_during_ppo is not None:
+            self.stop_during_ppo.set()
+        on_step({"step": 1.0, "reward_mean": 0.5})
+        out_adapter_dir.mkdir(parents=True)
+        (out_adapter_dir / "adapter_config.json").write_text(json.dumps({"call": len(self.ppo_calls)}))
+        return {"reward_mean": 0.5}
+
+
+@pytest.fixture
+def settings(kafka_settings, tmp_path, base_model_dir):
+    settings = isolated_settings(
+        kafka_settings, tmp_path, base_model=base_model_dir, corpus_prompts=3, ptx_dialogues=2, rm_epochs=1,
+        ppo_steps=2, ppo_rollout_batch_size=4, ppo_max_new_tokens=8,
+    )  # fmt: skip
+    ensure_topics(settings, [settings.completions_topic, settings.feedback_topic, settings.policy_topic])
+    return settings
+
+
+@pytest.fixture
+def store(settings):
+    store = FeedbackStore(settings.store_path)
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def producer(settings):
+    producer = make_producer(settings)
+    yield producer
+    producer.close()
+
+
+def make_loop(
+    settings, store, producer, fakes: FakeLearners, stop: threading.Event | None = None
+) -> TrainingLoop:
+    registry = PolicyRegistry(settings.registry_dir)
+    return TrainingLoop(settings, store, registry, producer, stop or threading.Event(), fakes.learners())
+
+
+def read_policy_events(settings, count: int) -> list[PolicyEvent]:
+    consumer = make_consumer(settings, [settings.policy_topic], group_id=None, consumer_timeout_ms=15_000)
+    events = []
+    for message in consumer:
+        events.append(PolicyEvent.model_validate_json(message.value))
+        if len(events) == count:
+            break
+    consumer.close()
+    return events
+
+
+def test_rounds_publish_versions_that_build_on_each_other(settings, store, producer):
+    first_feedback = [
+        feedback(type="pairwise", a=ref("c1", 0), b=ref("c1", 2), preference="a"),
+        feedback(type="correction", text="Snow is white, of course.", **ref("c1", 2)),
+    ]
+    store.save_batch(EventBatch(completions=list(COMPLETIONS.values()), feedback=first_feedback))
+    fakes = FakeLearners()
+    loop = make_loop(settings, store, producer, fakes)
+
+    first = loop.run_round()
+
+    assert (first.status, first.version, first.parent_version) == ("published", "v1", "v0")
+    rm_call, ppo_call = fakes.reward_model_calls[0], fakes.ppo_calls[0]
+    assert rm_call["data"].groups[0].pairs == (("White.", "Blue."), ("Snow is white, of course.", "Blue."))
+    assert rm_call["init_from"] is None and rm_call["config"].epochs == 1
+    assert (ppo_call["config"].steps, ppo_call["config"].rollout_batch_size) == (2, 4)
+    assert ppo_call["reward_model_dir"] == rm_call["out_dir"] and ppo_call["init_adapter"] is None
+    # The two prompts users sent, most recent first, then three from the corpus.
+    assert ppo_call["prompts"][:2] == [OTHER_PROMPT, PROMPT] and len(ppo_call["prompts"]) == 5
+    assert len(ppo_call["ptx_texts"]) == 3 and "Snow is white, of course." in ppo_call["ptx_texts"][0]
+
+    registry = PolicyRegistry(settings.registry_dir)
+    v1 = registry.get("v1")
+    assert json.loads((v1.path / "adapter_config.json").read_text()) == {"call": 1}
+    assert v1.manifest["metrics"] == {"reward_model/train_loss": 0.25, "ppo/reward_mean": 0.5}
+    assert store.new_feedback_count() == 0
+
+    store.save_batch(EventBatch(feedback=[feedback(type="thumbs", rating="down", **ref("c3", 1))]))
+    second = loop.run_round()
+
+    assert (second.status, second.version, second.parent_version) == ("published", "v2", "v1")
+    assert fakes.reward_model_calls[1]["init_from"] == rm_call["out_dir"]
+    assert len(fakes.reward_model_calls[1]["data"]) == 3  # all feedback so far: two pairs and a label
+    assert fakes.ppo_calls[1]["init_adapter"] == v1.path
+    assert registry.latest().manifest["parent"] == "v1"
+    assert [(r["round"], r["status"], r["version"], r["feedback_new"]) for r in store.rounds()] == [
+        (1, "published", "v1", 2),
+        (2, "published", "v2", 1),
+    ]
+
+    announced = read_policy_events(settings, 2)
+    assert [(e.version, e.base_model) for e in announced] == [("v1", str(settings.base_model))] + [
+        ("v2", str(settings.base_model))
+    ]
+    assert announced[0].metrics == v1.manifest["metrics"]
+
+
+def test_a_failed_round_publishes_nothing_and_keeps_its_feedback_new(settings, store, producer):
+    store.save_batch(
+        EventBatch(
+            completions=[COMPLETIONS["c1"]], feedback=[feedback(type="thumbs", rating="up", **ref("c1"))]
+        )
+    )
+    record = make_loop(settings, store, producer, FakeLearners(fail_ppo=True)).run_round()
+
+    assert record.status == "failed" and "PPO diverged" in record.error
+    assert PolicyRegistry(settings.registry_dir).latest().name == "v0"
+    assert store.new_feedback_count() == 1
+    assert store.rounds()[0]["status"] == "failed"
+
+
+def test_a_round_with_nothing_to_learn_is_skipped(settings, store, producer):
+    tie = feedback(type="pairwise", a=ref("c1", 0), b=ref("c1", 1), preference="tie")
+    store.save_batch(EventBatch(completions=[COMPLETIONS["c1"]], feedback=[tie]))
+    fakes = FakeLearners()
+    record = make_loop(settings, store, producer, fakes).run_round()
+
+    assert record.status == "skipped" and fakes.reward_model_calls == []
+    assert store.new_feedback_count() == 0  # or it would trigger round after empty round
+
+
+def test_a_stop_during_ppo_abandons_the_round_unrecorded(settings, store, producer):
+    store.save_batch(
+        EventBatch(
+            completions=[COMPLETIONS["c1"]], feedback=[feedback(type="thumbs", rating="up", **ref("c1"))]
+        )
+    )
+    stop = threading.Event()
+    loop = make_loop(settings, store, producer, FakeLearners(stop_during_ppo=stop), stop)
+
+    with pytest.raises(RoundAbandoned):
+        loop.run_round()
+    assert store.rounds() == [] and store.new_feedback_count() == 1
+    assert PolicyRegistry(settings.registry_dir).latest().name == "v0"
+
+
+def test_a_round_killed_during_ppo_resumes_on_the_same_data(settings, store, producer):
+    store.save_batch(
+        EventBatch(
+            completions=[COMPLETIONS["c1"]], feedback=[feedback(type="thumbs", rating="up", **ref("c1"))]
+        )
+    )
+    killed = FakeLearners(kill_ppo=True)
+    with pytest.raises(Killed):
+        make_loop(settings, store, producer, killed).run_round()
+    # Meanwhile another prompt and more feedback arrive; the restarted trainer finishes the round first.
+    late = feedback(type="thumbs", rating="down", **ref("c3", 1))
+    store.save_batch(EventBatch(completions=[COMPLETIONS["c3"]], feedback=[late]))
+    fakes = FakeLearners()
+    record = make_loop(settings, store, producer, fakes).run_round()
+
+    assert (record.round, record.status, record.version) == (1, "published", "v1")
+    assert fakes.reward_model_calls == []  # the round's reward model was complete: kept, not retrained
+    first, again = killed.ppo_calls[0], fakes.ppo_calls[0]
+    assert again["prompts"] == first["prompts"] and OTHER_PROMPT not in again["prompts"]
+    assert again["checkpoint_dir"] == first["checkpoint_dir"] and again["checkpoint_dir"] is not None
+    assert store.rounds()[0]["feedback_new"] == 1 and store.new_feedback_count() == 1  # the late one waits
+
+
+def test_waiting_for_feedback(settings, store, producer):
+    settings = settings.model_copy(update=dict(min_new_feedback=2, max_wait_s=0.5, check_interval_s=0.02))
+    stop = threading.Event()
+    loop = make_loop(settings, store, producer, FakeLearners(), stop)
+    healthy = SimpleNamespace(error=None)
+
+    def wait() -> tuple[bool, float]:
+        started = time.monotonic()
+        return loop.wait_for_feedback(healthy, since=started), time.monotonic() - started
+
+    # Nothing new: waits past max_wait_s until stopped.
+    threading.Timer(0.8, stop.set).start()
+    assert wait()[0] is False
+    stop.clear()
+    # Feedback without its completion is not ready.
+    store.save_batch(EventBatch(feedback=[feedback(type="thumbs", rating="up", **ref("c1"))]))
+    threading.Timer(0.8, stop.set).start()
+    assert wait()[0] is False
+    stop.clear()
+    # One ready event, fewer than min_new_feedback: a round after max_wait_s.
+    store.save_batch(EventBatch(completions=[COMPLETIONS["c1"]]))
+    ready, waited = wait()
+    assert ready and waited >= 0.5
+    # Two: a round at once.
+    store.save_batch(EventBatch(feedback=[feedback(type="thumbs", rating="down", **ref("c1"))]))
+    ready, waited = wait()
+    assert ready and waited < 0.4
+    # A dead ingest thread stops the loop.
+    with pytest.raises(RuntimeError, match="ingest"):
+        loop.wait_for_feedback(SimpleNamespace(error=OSError("disk full")), since=time.monotonic())
+
+
+def test_the_trainer_process_serves_metrics_logs_json_and_stops_on_sigterm(settings, tmp_path):
+    port = free_port()
+    env = {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
+        "RLHF_TOPIC_PREFIX": settings.topic_prefix,
+        "RLHF_BASE_MODEL": str(settings.base_model),
+        "RLHF_REGISTRY_DIR": str(settings.registry_dir),
+        "TRAINER_WORK_DIR": str(settings.work_dir),
+        "TRAINER_GROUP_ID": settings.group_id,
+        "TRAINER_METRICS_PORT": str(port),
+        "TRAINER_MIN_NEW_FEEDBACK": "1000",  # no round: this test is about the process around the rounds
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "trainer", "run"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        produce(settings, [COMPLETIONS["c1"]], [])
+
+        def ingested() -> bool:
+            try:
+                page = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+            except OSError:
+                return False
+            return 'rlhf_trainer_events_ingested_total{type="completion"} 1.0' in page
+
+        wait_until(ingested, timeout_s=90, what="the trainer to ingest the completion")
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 0, stderr.decode()[-3000:]
+    lines = [json.loads(line) for line in stdout.decode().splitlines()]  # every line is JSON
+    events = [line["event"] for line in lines if line["logger"].startswith("trainer")]
+    assert events[0] == "trainer.started" and events[-1] == "trainer.stopped"
+    assert "ingest.batch" in events and "trainer.stopping" in events
+    store = FeedbackStore(settings.store_path)
+    assert store.row_counts()["completions"] == 1
+    store.close()

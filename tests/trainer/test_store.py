@@ -1,0 +1,241 @@
+"""The store (idempotent batches, read-time join, round bookkeeping) and feedback -> training data."""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from feedback.events import CompletionChoice, CompletionEvent, FeedbackEvent, Message, SamplingRecord
+from trainer.data import Demonstration, PointwiseLabel, PreferenceGroup, prompt_from_messages
+from trainer.store import DeadLetter, EventBatch, FeedbackStore, RoundRecord, to_training_data
+
+QUESTION = [
+    {"role": "system", "content": "Answer briefly."},
+    {"role": "user", "content": "What colour is snow?"},
+]
+OTHER_QUESTION = [{"role": "user", "content": "What is 2 plus 2?"}]
+PROMPT = prompt_from_messages(QUESTION)
+OTHER_PROMPT = prompt_from_messages(OTHER_QUESTION)
+
+
+def completion(completion_id: str, answers: list[str], messages: list[dict] = QUESTION) -> CompletionEvent:
+    return CompletionEvent(
+        completion_id=completion_id,
+        model="policy",
+        policy_version="v0",
+        messages=[Message(**m) for m in messages],
+        choices=[
+            CompletionChoice(index=i, text=text, finish_reason="stop", completion_tokens=3)
+            for i, text in enumerate(answers)
+        ],
+        sampling=SamplingRecord(temperature=1.0, top_p=1.0, max_tokens=16, n=len(answers)),
+        prompt_tokens=7,
+    )
+
+
+def feedback(**fields) -> FeedbackEvent:
+    return FeedbackEvent.model_validate({"feedback": fields})
+
+
+def ref(completion_id: str, choice_index: int = 0) -> dict:
+    return {"completion_id": completion_id, "choice_index": choice_index}
+
+
+COMPLETIONS = {
+    c.completion_id: c
+    for c in [
+        completion("c1", ["White.", "Snow is white.", "Blue."]),
+        completion("c2", ["It is white."]),  # same prompt as c1, another request
+        completion("c3", ["4.", "Five."], OTHER_QUESTION),
+    ]
+}
+
+
+# --- Conversions ------------------------------------------------------------------------------------
+
+
+def test_thumbs_become_pointwise_labels():
+    data = to_training_data(
+        [
+            feedback(type="thumbs", rating="up", **ref("c1", 1)),
+            feedback(type="thumbs", rating="down", **ref("c1", 2)),
+        ],
+        COMPLETIONS,
+    )
+    assert data.reward.pointwise == [
+        PointwiseLabel(PROMPT, "Snow is white.", 1.0),
+        PointwiseLabel(PROMPT, "Blue.", 0.0),
+    ]
+    assert data.reward.groups == [] and data.demonstrations == []
+
+
+def test_ratings_become_scaled_labels_and_pairs_between_differently_scored_answers():
+    data = to_training_data(
+        [
+            feedback(type="rating", score=7, **ref("c1", 0)),
+            feedback(type="rating", score=3, **ref("c1", 2)),
+            feedback(type="rating", score=7, **ref("c2", 0)),  # same prompt, another completion
+            feedback(type="rating", score=5, **ref("c1", 2)),  # a second opinion: "Blue." averages 4
+        ],
+        COMPLETIONS,
+    )
+    assert [label.target for label in data.reward.pointwise] == [1.0, 2 / 6, 1.0, 4 / 6]
+    # Means: "White." 7, "Blue." 4, "It is white." 7; equal means give no pair.
+    assert data.reward.groups == [PreferenceGroup(PROMPT, (("White.", "Blue."), ("It is white.", "Blue.")))]
+
+
+def test_pairwise_gives_one_pair_and_a_tie_none():
+    data = to_training_data(
+        [
+            feedback(type="pairwise", a=ref("c1", 0), b=ref("c1", 2), preference="b"),
+            feedback(type="pairwise", a=ref("c1", 0), b=ref("c2", 0), preference="tie"),
+        ],
+        COMPLETIONS,
+    )
+    assert data.reward.groups == [PreferenceGroup(PROMPT, (("Blue.", "White."),))]
+    assert data.reward.pointwise == []
+
+
+def test_ranking_gives_all_pairs_in_one_group():
+    data = to_training_data(
+        [feedback(type="ranking", ranked=[ref("c1", 1), ref("c2", 0), ref("c1", 2)])], COMPLETIONS
+    )
+    assert data.reward.groups == [
+        PreferenceGroup(
+            PROMPT,
+            (("Snow is white.", "It is white."), ("Snow is white.", "Blue."), ("It is white.", "Blue.")),
+        )
+    ]
+
+
+def test_correction_gives_a_demonstration_and_a_pair_over_the_original():
+    data = to_training_data([feedback(type="correction", text="Snow is white.", **ref("c1", 2))], COMPLETIONS)
+    assert data.demonstrations == [Demonstration(PROMPT, "Snow is white.")]
+    assert data.reward.groups == [PreferenceGroup(PROMPT, (("Snow is white.", "Blue."),))]
+
+
+def test_pairs_are_grouped_by_prompt_across_kinds():
+    data = to_training_data(
+        [
+            feedback(type="pairwise", a=ref("c1", 0), b=ref("c1", 2), preference="a"),
+            feedback(type="pairwise", a=ref("c3", 0), b=ref("c3", 1), preference="a"),
+            feedback(type="ranking", ranked=[ref("c2", 0), ref("c1", 2)]),
+        ],
+        COMPLETIONS,
+    )
+    assert data.reward.groups == [
+        PreferenceGroup(PROMPT, (("White.", "Blue."), ("It is white.", "Blue."))),
+        PreferenceGroup(OTHER_PROMPT, (("4.", "Five."),)),
+    ]
+
+
+def test_feedback_that_names_no_answer_or_mixes_prompts_is_skipped():
+    data = to_training_data(
+        [
+            feedback(type="thumbs", rating="up", **ref("missing")),
+            feedback(type="thumbs", rating="up", **ref("c2", 5)),  # c2 has one choice
+            feedback(type="pairwise", a=ref("c1", 0), b=ref("c3", 0), preference="a"),
+            feedback(type="correction", text="White.", **ref("c1", 0)),  # same text: no pair
+        ],
+        COMPLETIONS,
+    )
+    assert data.reward.groups == [] and data.reward.pointwise == []
+    assert data.demonstrations == [Demonstration(PROMPT, "White.")]
+
+
+# --- The store --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    store = FeedbackStore(tmp_path / "store.sqlite3")
+    yield store
+    store.close()
+
+
+def test_a_replayed_batch_is_stored_once(store: FeedbackStore):
+    batch = EventBatch(
+        completions=[COMPLETIONS["c1"]],
+        feedback=[feedback(type="thumbs", rating="up", **ref("c1"))],
+        dead_letters=[DeadLetter("t", 0, 7, "{not json", "bad")],
+    )
+    first = store.save_batch(batch)
+    again = store.save_batch(batch)
+    assert (dict(first.stored), first.duplicates, first.dead_letters) == (
+        {"completion": 1, "thumbs": 1},
+        0,
+        1,
+    )
+    assert (sum(again.stored.values()), again.duplicates, again.dead_letters) == (0, 2, 0)
+    assert store.row_counts() == {"completions": 1, "feedback": 1, "dead_letters": 1, "rounds": 0}
+    assert store.new_feedback_count() == 1
+
+
+def test_a_batch_that_fails_midway_stores_nothing(store: FeedbackStore):
+    broken = DeadLetter(
+        "t", 0, 1, object(), "bad"
+    )  # SQLite cannot bind it: fails after the completion went in
+    with pytest.raises(sqlite3.Error):
+        store.save_batch(EventBatch(completions=[COMPLETIONS["c1"]], dead_letters=[broken]))
+    assert store.row_counts()["completions"] == 0
+
+
+def test_feedback_waits_for_its_completion(store: FeedbackStore):
+    store.save_batch(
+        EventBatch(feedback=[feedback(type="pairwise", a=ref("c1"), b=ref("c2"), preference="a")])
+    )
+    store.save_batch(EventBatch(completions=[COMPLETIONS["c1"]]))
+    assert store.new_feedback_count() == 0
+    assert store.training_snapshot().feedback_total == 0
+
+    store.save_batch(EventBatch(completions=[COMPLETIONS["c2"]]))
+    assert store.new_feedback_count() == 1
+    snapshot = store.training_snapshot()
+    assert snapshot.data.reward.groups == [PreferenceGroup(PROMPT, (("White.", "It is white."),))]
+
+
+def test_rounds_consume_new_feedback_unless_they_fail(store: FeedbackStore):
+    events = [
+        feedback(type="thumbs", rating="up", **ref("c1")),
+        feedback(type="thumbs", rating="down", **ref("c2")),
+    ]
+    store.save_batch(EventBatch(completions=[COMPLETIONS["c1"], COMPLETIONS["c2"]], feedback=events))
+    snapshot = store.training_snapshot()
+    assert set(snapshot.new_feedback_ids) == {e.event_id for e in events}
+
+    def finish(status: str, round_: int, rm_dir: str | None = None) -> None:
+        store.record_round(
+            RoundRecord(
+                round=round_,
+                started_at=datetime.now(UTC),
+                status=status,
+                feedback_total=snapshot.feedback_total,
+                new_feedback_ids=snapshot.new_feedback_ids,
+                reward_model_dir=Path(rm_dir) if rm_dir else None,
+            )
+        )
+
+    finish("failed", 1)
+    assert store.new_feedback_count() == 2 and store.next_round() == 2
+    finish("published", 2, "rounds/2/rm")
+    assert store.new_feedback_count() == 0
+    assert store.last_reward_model_dir() == Path("rounds/2/rm")
+
+    later = feedback(type="thumbs", rating="up", **ref("c1"))
+    store.save_batch(EventBatch(feedback=[later]))
+    snapshot = store.training_snapshot()
+    assert snapshot.new_feedback_ids == (later.event_id,)
+    assert len(snapshot.data.reward.pointwise) == 3  # a round trains on all feedback, old and new
+    assert [(r["round"], r["status"], r["feedback_new"]) for r in store.rounds()] == [
+        (1, "failed", 2),
+        (2, "published", 2),
+    ]
+
+
+def test_user_prompts_are_distinct_and_most_recent_first(store: FeedbackStore):
+    store.save_batch(EventBatch(completions=[COMPLETIONS["c1"], COMPLETIONS["c3"], COMPLETIONS["c2"]]))
+    assert store.user_prompts(limit=10) == [PROMPT, OTHER_PROMPT]
+    assert store.user_prompts(limit=1) == [PROMPT]

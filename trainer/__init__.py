@@ -1,0 +1,1 @@
+"""The trainer: feedback stream -> store -> reward model -> PPO -> policy registry -> policy topic."""

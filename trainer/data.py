@@ -1,0 +1,91 @@
+"""The training data the store hands to the learners: plain dataclasses, no Kafka, no SQL.
+
+A prompt is the chat message list that was sent (dicts with role/content); a response is the text of
+one answer. Learners apply the base model's chat template themselves.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+Prompt = tuple[tuple[str, str], ...]  # ((role, content), ...): hashable, so prompts can be grouped
+
+
+def prompt_from_messages(messages: list[dict]) -> Prompt:
+    return tuple((m["role"], m["content"]) for m in messages)
+
+
+def prompt_to_messages(prompt: Prompt) -> list[dict]:
+    return [{"role": role, "content": content} for role, content in prompt]
+
+
+def prompt_from_json(value: str | list[dict]) -> Prompt:
+    """A prompt as JSONL files give it: one user message as a string, or a chat message list."""
+    return prompt_from_messages([{"role": "user", "content": value}] if isinstance(value, str) else value)
+
+
+def read_jsonl(path: Path) -> Iterator[dict]:
+    """The objects of a JSON-lines file; blank lines are skipped, and a bad line names its place."""
+    with open(path, encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}:{number}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class PreferenceGroup:
+    """Every (chosen, rejected) pair collected for one prompt, kept together as one batch element:
+    InstructGPT trains on all K-choose-2 pairs of a ranking at once to avoid overfitting to a prompt."""
+
+    prompt: Prompt
+    pairs: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class PointwiseLabel:
+    """One answer with a target probability of being good (thumbs up = 1, down = 0, Likert scaled)."""
+
+    prompt: Prompt
+    response: str
+    target: float
+
+
+@dataclass(frozen=True)
+class Demonstration:
+    """A prompt with the answer a user wrote (a correction): supervised fine-tuning data."""
+
+    prompt: Prompt
+    response: str
+
+
+@dataclass
+class RewardDataset:
+    groups: list[PreferenceGroup] = field(default_factory=list)
+    pointwise: list[PointwiseLabel] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return sum(len(g.pairs) for g in self.groups) + len(self.pointwise)
+
+
+def load_demonstrations(path: Path) -> list[Demonstration]:
+    """{"prompt": ..., "answer": "..."} per line (trainer.data.prompt_from_json reads the prompt)."""
+    return [Demonstration(prompt_from_json(row["prompt"]), row["answer"]) for row in read_jsonl(path)]
+
+
+def load_comparisons(path: Path) -> RewardDataset:
+    """{"prompt": ..., "chosen": "...", "rejected": "..."} per line; pairs of a prompt form one group."""
+    pairs: dict[Prompt, list[tuple[str, str]]] = {}
+    for row in read_jsonl(path):
+        pairs.setdefault(prompt_from_json(row["prompt"]), []).append((row["chosen"], row["rejected"]))
+    return RewardDataset(groups=[PreferenceGroup(prompt, tuple(p)) for prompt, p in pairs.items()])
+
+
+def load_prompts(path: Path) -> list[Prompt]:
+    """{"prompt": ...} per line (other keys, such as an answer, are ignored)."""
+    return [prompt_from_json(row["prompt"]) for row in read_jsonl(path)]

@@ -1,0 +1,35 @@
+"""A trained adapter becomes a policy version: copied into the registry, then announced on the topic."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kafka import KafkaProducer
+
+from common.registry import PolicyRegistry, PolicyVersion
+from common.settings import SharedSettings
+from feedback.events import PolicyEvent
+
+ANNOUNCE_TIMEOUT_S = 30.0
+
+
+def publish_policy(
+    adapter_dir: Path,
+    *,
+    registry: PolicyRegistry,
+    producer: KafkaProducer,
+    settings: SharedSettings,
+    parent: str,
+    metrics: dict[str, float],
+) -> PolicyVersion:
+    """Publish `adapter_dir` as the next version and return it once the broker acknowledged the PolicyEvent.
+
+    The registry comes first so that serving never hears of a version it cannot load. If the announcement
+    fails the version still exists; the next round builds on it and announces its own successor.
+    """
+    version = registry.publish(
+        adapter_dir, base_model=str(settings.base_model), parent=parent, metrics=metrics
+    )
+    event = PolicyEvent(version=version.name, base_model=str(settings.base_model), metrics=metrics)
+    producer.send(settings.policy_topic, key=version.name, value=event).get(timeout=ANNOUNCE_TIMEOUT_S)
+    return version

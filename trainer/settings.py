@@ -1,0 +1,88 @@
+"""The trainer's settings: TRAINER_* environment variables on top of the shared ones.
+
+Defaults run locally from the repository root (relative paths under var/). The round-size knobs are
+unset by default, which keeps the learners' own config defaults; tests set them to make a round fast.
+"""
+
+from pathlib import Path
+from typing import Literal, Self
+
+from pydantic import Field, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from common.settings import SharedSettings
+
+
+class TrainerSettings(SharedSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="TRAINER_", extra="ignore", validate_by_name=True, validate_by_alias=True
+    )
+
+    work_dir: Path = Field(
+        Path("var/trainer"),
+        description="Where rounds write their reward models and adapters before publishing.",
+    )
+    store_path: Path | None = Field(
+        None,
+        description="SQLite file of consumed events and finished rounds (unset: <work_dir>/store.sqlite3).",
+    )
+    group_id: str = Field(
+        "rlhf-trainer", description="Kafka consumer group of the completions/feedback reader."
+    )
+    min_new_feedback: int = Field(
+        32,
+        ge=1,
+        description="Start a round once this many feedback events no round has trained on are ready.",
+    )
+    max_wait_s: float = Field(
+        600.0, gt=0, description="Start a round anyway after this many seconds if any new feedback is ready."
+    )
+    check_interval_s: float = Field(1.0, gt=0, description="How often the loop looks for new feedback.")
+    metrics_port: int = Field(
+        8001, ge=0, description="Port of the Prometheus /metrics endpoint; 0 disables it."
+    )
+    user_prompts: int = Field(
+        256, ge=0, description="PPO trains on up to this many distinct prompts users sent, most recent first."
+    )
+    corpus_prompts: int = Field(
+        64,
+        ge=0,
+        description="Corpus prompts mixed into each round's PPO prompts (trainer.corpus.sample_prompts).",
+    )
+    ptx_dialogues: int = Field(
+        64,
+        ge=0,
+        description="Corpus dialogues in PPO's language-model (ptx) term, beside users' corrections.",
+    )
+    seed: int = Field(0, description="Seed of a round's corpus sampling; the round number is added to it.")
+    torch_threads: int | None = Field(
+        None, ge=1, description="CPU threads for training (unset: torch's default). 1 is far faster when "
+        "serving shares the same few cores: spinning threads then starve each other.",
+    )
+
+    rm_epochs: int | None = Field(
+        None, ge=1, description="Reward-model epochs per round (unset: config default)."
+    )
+    ppo_steps: int | None = Field(None, ge=1, description="PPO iterations per round (unset: config default).")
+    ppo_rollout_batch_size: int | None = Field(
+        None, ge=1, description="Prompts per PPO rollout batch (unset: config default)."
+    )
+    ppo_max_new_tokens: int | None = Field(
+        None, ge=1, description="Longest PPO rollout answer in tokens (unset: config default)."
+    )
+    ppo_rollout_backend: Literal["hf", "vllm"] | None = Field(
+        None,
+        description="Who samples PPO's rollouts: 'hf' (transformers' generate) or 'vllm' (an engine of the "
+        "trainer's own, started each round); unset: config default (docs/training.md has the trade-off).",
+    )
+    sft_adapter: Path | None = Field(
+        None,
+        description="An SFT adapter (`python -m trainer sft`): PPO's reference policy, and the start of the "
+        "first version's policy. Unset: the base model is the reference.",
+    )
+
+    @model_validator(mode="after")
+    def _store_in_work_dir(self) -> Self:
+        if self.store_path is None:
+            self.store_path = self.work_dir / "store.sqlite3"
+        return self

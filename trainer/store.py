@@ -1,0 +1,407 @@
+"""The trainer's durable memory: every completion and feedback event it consumed, and every round it ran.
+
+SQLite in WAL mode, one file. Events are keyed by their ids and inserted with INSERT OR IGNORE, so a
+batch that Kafka delivers twice (a crash after storing it but before committing its offsets) is stored
+once. Events that do not parse go to a dead-letter table instead of being dropped.
+
+Feedback is joined to its completions only when read: feedback whose completion has not arrived yet
+(the two topics are read independently) is stored at once and waits until it has one.
+
+The second half of this module turns feedback into training data: pure functions, no SQL.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections import Counter
+from collections.abc import Collection, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from itertools import combinations
+from pathlib import Path
+from typing import NamedTuple
+
+from feedback.events import (
+    ChoiceRef,
+    CompletionEvent,
+    CorrectionFeedback,
+    FeedbackEvent,
+    PairwiseFeedback,
+    RankingFeedback,
+    RatingFeedback,
+    ThumbsFeedback,
+    referenced_choices,
+)
+from trainer.data import (
+    Demonstration,
+    PointwiseLabel,
+    PreferenceGroup,
+    Prompt,
+    RewardDataset,
+    prompt_from_messages,
+)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS completions (
+    completion_id TEXT PRIMARY KEY,
+    event_id      TEXT NOT NULL,
+    created_at    TEXT NOT NULL,
+    payload       TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS feedback (
+    seq           INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id      TEXT NOT NULL UNIQUE,
+    kind          TEXT NOT NULL,
+    received_at   TEXT NOT NULL,
+    payload       TEXT NOT NULL,
+    first_round   INTEGER REFERENCES rounds(round)  -- NULL until a round has trained on it
+);
+CREATE TABLE IF NOT EXISTS feedback_refs (
+    event_id      TEXT NOT NULL REFERENCES feedback(event_id),
+    completion_id TEXT NOT NULL,
+    PRIMARY KEY (event_id, completion_id)
+);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    topic         TEXT NOT NULL,
+    partition     INTEGER NOT NULL,
+    "offset"      INTEGER NOT NULL,
+    value         TEXT,
+    error         TEXT NOT NULL,
+    stored_at     TEXT NOT NULL,
+    PRIMARY KEY (topic, partition, "offset")
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    round             INTEGER PRIMARY KEY,
+    started_at        TEXT NOT NULL,
+    finished_at       TEXT NOT NULL,
+    status            TEXT NOT NULL CHECK (status IN ('published', 'skipped', 'failed')),
+    parent_version    TEXT,
+    version           TEXT,
+    feedback_total    INTEGER NOT NULL,
+    feedback_new      INTEGER NOT NULL,
+    reward_model_dir  TEXT,
+    metrics           TEXT NOT NULL,
+    error             TEXT
+);
+"""
+
+# Feedback all of whose referenced completions are stored: the read-time join.
+READY_FEEDBACK = """
+SELECT f.event_id, f.payload, f.first_round FROM feedback f
+WHERE NOT EXISTS (
+    SELECT 1 FROM feedback_refs r LEFT JOIN completions c ON c.completion_id = r.completion_id
+    WHERE r.event_id = f.event_id AND c.completion_id IS NULL
+)
+"""
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A record that could not be parsed into an event, kept with where it came from and why."""
+
+    topic: str
+    partition: int
+    offset: int
+    value: str | None
+    error: str
+
+
+@dataclass
+class EventBatch:
+    """What one poll of the consumer yielded, parsed."""
+
+    completions: list[CompletionEvent] = field(default_factory=list)
+    feedback: list[FeedbackEvent] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+
+
+@dataclass
+class StoredCounts:
+    """What a batch added: events by type ('completion' or the feedback kind), and how many were repeats."""
+
+    stored: Counter[str] = field(default_factory=Counter)
+    duplicates: int = 0
+    dead_letters: int = 0
+
+
+@dataclass(frozen=True)
+class TrainingSnapshot:
+    """Training data from all ready feedback, and which of it no round has trained on yet."""
+
+    data: TrainingData
+    feedback_total: int
+    new_feedback_ids: tuple[str, ...]
+    feedback_ids: tuple[str, ...]  # all of it, in arrival order: a resumed round reads the same again
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    round: int
+    started_at: datetime
+    status: str  # 'published', 'skipped' (nothing to learn from) or 'failed'
+    feedback_total: int
+    new_feedback_ids: tuple[str, ...]
+    parent_version: str | None = None
+    version: str | None = None
+    reward_model_dir: Path | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+class FeedbackStore:
+    """Thread-safe: the ingest thread writes while the training loop reads, through one locked connection."""
+
+    def __init__(self, path: Path | str):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        # Autocommit mode: transactions are explicit (BEGIN IMMEDIATE), never opened behind our back.
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._lock = threading.Lock()
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # FULL: a stored batch must survive power loss, since its Kafka offsets are committed right after.
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    @contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            yield self._db
+
+    # --- Writing ----------------------------------------------------------------------------------
+
+    def save_batch(self, batch: EventBatch) -> StoredCounts:
+        """Store one polled batch in one transaction: all of it or (on error) none of it."""
+        counts = StoredCounts()
+        with self._transaction() as db:
+            for completion in batch.completions:
+                inserted = db.execute(
+                    "INSERT OR IGNORE INTO completions VALUES (?, ?, ?, ?)",
+                    (
+                        completion.completion_id,
+                        completion.event_id,
+                        completion.created_at.isoformat(),
+                        completion.model_dump_json(),
+                    ),
+                ).rowcount
+                counts.stored["completion"] += inserted
+                counts.duplicates += 1 - inserted
+            for event in batch.feedback:
+                inserted = db.execute(
+                    "INSERT OR IGNORE INTO feedback (event_id, kind, received_at, payload) VALUES (?,?,?,?)",
+                    (
+                        event.event_id,
+                        event.feedback.type,
+                        event.received_at.isoformat(),
+                        event.model_dump_json(),
+                    ),
+                ).rowcount
+                counts.stored[event.feedback.type] += inserted
+                counts.duplicates += 1 - inserted
+                db.executemany(
+                    "INSERT OR IGNORE INTO feedback_refs VALUES (?, ?)",
+                    [(event.event_id, ref.completion_id) for ref in referenced_choices(event.feedback)],
+                )
+            for letter in batch.dead_letters:
+                counts.dead_letters += db.execute(
+                    "INSERT OR IGNORE INTO dead_letters VALUES (?, ?, ?, ?, ?, ?)",
+                    (letter.topic, letter.partition, letter.offset, letter.value, letter.error, _now()),
+                ).rowcount
+        return counts
+
+    def record_round(self, record: RoundRecord) -> None:
+        """Store a finished round; unless it failed, its new feedback stops counting as new."""
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO rounds VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    record.round,
+                    record.started_at.isoformat(),
+                    _now(),
+                    record.status,
+                    record.parent_version,
+                    record.version,
+                    record.feedback_total,
+                    len(record.new_feedback_ids),
+                    str(record.reward_model_dir) if record.reward_model_dir else None,
+                    json.dumps(record.metrics),
+                    record.error,
+                ),
+            )
+            if record.status != "failed":
+                db.executemany(
+                    "UPDATE feedback SET first_round = ? WHERE event_id = ?",
+                    [(record.round, event_id) for event_id in record.new_feedback_ids],
+                )
+
+    # --- Reading ----------------------------------------------------------------------------------
+
+    def new_feedback_count(self) -> int:
+        """Ready feedback (its completions are stored) that no round has trained on yet."""
+        with self._reading() as db:
+            return db.execute(
+                f"SELECT COUNT(*) FROM ({READY_FEEDBACK}) WHERE first_round IS NULL"
+            ).fetchone()[0]
+
+    def training_snapshot(self, event_ids: Collection[str] | None = None) -> TrainingSnapshot:
+        """All ready feedback as training data, or only the feedback `event_ids` names (an interrupted
+        round's, to train on the same data again). Reads everything each round: fine at this scale."""
+        with self._reading() as db:
+            rows = db.execute(READY_FEEDBACK + " ORDER BY f.seq").fetchall()
+            completion_rows = db.execute(
+                "SELECT payload FROM completions"
+                " WHERE completion_id IN (SELECT completion_id FROM feedback_refs)"
+            ).fetchall()
+        if event_ids is not None:
+            wanted = set(event_ids)
+            rows = [row for row in rows if row[0] in wanted]
+        feedback = [FeedbackEvent.model_validate_json(payload) for _, payload, _ in rows]
+        completions = [CompletionEvent.model_validate_json(payload) for (payload,) in completion_rows]
+        return TrainingSnapshot(
+            data=to_training_data(feedback, {c.completion_id: c for c in completions}),
+            feedback_total=len(rows),
+            new_feedback_ids=tuple(event_id for event_id, _, first_round in rows if first_round is None),
+            feedback_ids=tuple(event_id for event_id, _, _ in rows),
+        )
+
+    def user_prompts(self, limit: int) -> list[Prompt]:
+        """The distinct prompts users sent, most recent first."""
+        prompts: dict[Prompt, None] = {}
+        with self._reading() as db:
+            for (payload,) in db.execute("SELECT payload FROM completions ORDER BY rowid DESC"):
+                prompts.setdefault(_prompt_of(CompletionEvent.model_validate_json(payload)))
+                if len(prompts) >= limit:
+                    break
+        return list(prompts)
+
+    def next_round(self) -> int:
+        with self._reading() as db:
+            return db.execute("SELECT COALESCE(MAX(round), 0) + 1 FROM rounds").fetchone()[0]
+
+    def last_reward_model_dir(self) -> Path | None:
+        with self._reading() as db:
+            row = db.execute(
+                "SELECT reward_model_dir FROM rounds WHERE status = 'published' ORDER BY round DESC LIMIT 1"
+            ).fetchone()
+        return Path(row[0]) if row and row[0] else None
+
+    def rounds(self) -> list[dict]:
+        with self._reading() as db:
+            cursor = db.execute("SELECT * FROM rounds ORDER BY round")
+            columns = [column[0] for column in cursor.description]
+            rows = [dict(zip(columns, values, strict=True)) for values in cursor]
+        for row in rows:
+            row["metrics"] = json.loads(row["metrics"])
+        return rows
+
+    def row_counts(self) -> dict[str, int]:
+        with self._reading() as db:
+            return {
+                table: db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+                for table in ("completions", "feedback", "dead_letters", "rounds")
+            }
+
+
+# --- Feedback -> training data ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    reward: RewardDataset
+    demonstrations: list[Demonstration]
+
+
+class _Answer(NamedTuple):
+    prompt: Prompt
+    text: str
+
+
+def _prompt_of(completion: CompletionEvent) -> Prompt:
+    return prompt_from_messages([m.model_dump() for m in completion.messages])
+
+
+def _answer(ref: ChoiceRef, completions: Mapping[str, CompletionEvent]) -> _Answer | None:
+    completion = completions.get(ref.completion_id)
+    if completion is None or ref.choice_index >= len(completion.choices):
+        return None
+    return _Answer(_prompt_of(completion), completion.choices[ref.choice_index].text)
+
+
+def likert_target(score: int) -> float:
+    """A 1-7 score as a probability of being good: 1 -> 0.0, 4 -> 0.5, 7 -> 1.0."""
+    return (score - 1) / 6
+
+
+def to_training_data(
+    feedback: Iterable[FeedbackEvent], completions: Mapping[str, CompletionEvent]
+) -> TrainingData:
+    """Turn feedback into reward-model data and demonstrations.
+
+    thumbs -> pointwise label (up 1, down 0); rating -> pointwise label, plus pairs between answers to
+    the same prompt with different mean scores; pairwise -> one pair (a tie gives none); ranking -> all
+    K-choose-2 pairs; correction -> demonstration, plus the correction preferred over the answer it
+    corrects. All pairs for one prompt form one PreferenceGroup. Feedback naming a missing completion or
+    choice, or comparing answers to different prompts, is skipped.
+    """
+    pairs: dict[Prompt, list[tuple[str, str]]] = {}
+    pointwise: list[PointwiseLabel] = []
+    demonstrations: list[Demonstration] = []
+    scores: dict[Prompt, dict[ChoiceRef, list[int]]] = {}
+
+    def prefer(prompt: Prompt, chosen: str, rejected: str) -> None:
+        if chosen != rejected:  # a pair of identical texts teaches nothing
+            pairs.setdefault(prompt, []).append((chosen, rejected))
+
+    for event in feedback:
+        item = event.feedback
+        refs = referenced_choices(item)
+        answers = [_answer(ref, completions) for ref in refs]
+        if None in answers or len({answer.prompt for answer in answers}) != 1:
+            continue
+        prompt = answers[0].prompt
+        match item:
+            case ThumbsFeedback():
+                pointwise.append(PointwiseLabel(prompt, answers[0].text, 1.0 if item.rating == "up" else 0.0))
+            case RatingFeedback():
+                pointwise.append(PointwiseLabel(prompt, answers[0].text, likert_target(item.score)))
+                scores.setdefault(prompt, {}).setdefault(refs[0], []).append(item.score)
+            case PairwiseFeedback():
+                if item.preference != "tie":
+                    a, b = answers
+                    prefer(prompt, *((a.text, b.text) if item.preference == "a" else (b.text, a.text)))
+            case RankingFeedback():
+                for better, worse in combinations(answers, 2):  # `ranked` is best first
+                    prefer(prompt, better.text, worse.text)
+            case CorrectionFeedback():
+                demonstrations.append(Demonstration(prompt, item.text))
+                prefer(prompt, item.text, answers[0].text)
+
+    for prompt, by_answer in scores.items():
+        means = [(sum(s) / len(s), _answer(ref, completions).text) for ref, s in by_answer.items()]
+        for (score_1, text_1), (score_2, text_2) in combinations(means, 2):
+            if score_1 != score_2:
+                prefer(prompt, *((text_1, text_2) if score_1 > score_2 else (text_2, text_1)))
+
+    groups = [PreferenceGroup(prompt, tuple(prompt_pairs)) for prompt, prompt_pairs in pairs.items()]
+    return TrainingData(RewardDataset(groups=groups, pointwise=pointwise), demonstrations)
