@@ -59,8 +59,23 @@ class PolicyRegistry:
         self._versions = self.root / "versions"
         self._staging = self.root / "staging"
 
-    def publish(self, adapter_dir: Path, *, base_model: str, parent: str, metrics: dict[str, float]) -> PolicyVersion:
-        """Copy a saved PEFT adapter in as the next version and return it."""
+    def publish(
+        self,
+        adapter_dir: Path,
+        *,
+        base_model: str,
+        parent: str,
+        metrics: dict[str, float],
+        source: str | None = None,
+    ) -> PolicyVersion:
+        """Copy a saved PEFT adapter in as the next version and return it.
+
+        `source` names what produced the adapter (the trainer's round id); a version already published
+        from the same source is returned instead of a second copy, so a publisher that crashed after
+        publishing and runs again does not publish twice.
+        """
+        if source is not None and (existing := self.find(source)) is not None:
+            return existing
         self._versions.mkdir(parents=True, exist_ok=True)
         self._staging.mkdir(parents=True, exist_ok=True)
         staged = self._staging / uuid.uuid4().hex
@@ -71,6 +86,7 @@ class PolicyRegistry:
                 "version": version_name(number),
                 "base_model": base_model,
                 "parent": parent,
+                "source": source,
                 "created_at": datetime.now(UTC).isoformat(),
                 "metrics": metrics,
             }
@@ -94,6 +110,10 @@ class PolicyRegistry:
         if not manifest_path.is_file():
             raise KeyError(name)
         return PolicyVersion(number=number, path=path, manifest=json.loads(manifest_path.read_text()))
+
+    def find(self, source: str) -> PolicyVersion | None:
+        """The version published from `source`, if any."""
+        return next((v for v in reversed(self.list()) if v.manifest.get("source") == source), None)
 
     def latest(self) -> PolicyVersion:
         number = self._latest_number()

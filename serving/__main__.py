@@ -22,7 +22,13 @@ def main() -> None:
         return KafkaEventLog(settings, settings.event_queue_size, settings.feedback_ack_timeout_s)
 
     app = build_app(settings, make_engine, make_events)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=10)
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=10
+    )
+    # Bind before the lifespan starts the engine: uvicorn would bind only after it, and vLLM picks free
+    # ports for its own processes meanwhile, so the port we were given could be gone by then.
+    listening = config.bind_socket()
+    uvicorn.Server(config).run(sockets=[listening])
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import signal
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -29,7 +30,7 @@ from kafka import KafkaProducer
 from prometheus_client import start_http_server
 
 from common.kafka import ensure_topics, make_producer, wait_for_broker
-from common.registry import PolicyRegistry
+from common.registry import PolicyRegistry, PolicyVersion
 from trainer import metrics
 from trainer.corpus import generate_dialogues, sample_prompts
 from trainer.data import Demonstration, Prompt, prompt_from_messages, prompt_to_messages
@@ -55,6 +56,7 @@ class RoundPlan:
 
     FILE: ClassVar[str] = "round.json"
 
+    id: str  # unique across work dirs: the registry knows a version published from this round by it
     feedback_ids: tuple[str, ...]
     prompts: tuple[Prompt, ...]
     parent: str  # the policy version PPO continues
@@ -63,7 +65,7 @@ class RoundPlan:
     def write(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = path.with_suffix(".tmp")
-        fields = {"feedback_ids": self.feedback_ids, "prompts": self.prompts, "parent": self.parent}
+        fields = {"id": self.id, "feedback_ids": self.feedback_ids, "prompts": self.prompts, "parent": self.parent}
         staging.write_text(json.dumps(fields))
         staging.rename(path)  # atomic: a plan is whole or absent
 
@@ -71,7 +73,7 @@ class RoundPlan:
     def read(cls, path: Path) -> RoundPlan:
         fields = json.loads(path.read_text())
         prompts = tuple(tuple(tuple(message) for message in prompt) for prompt in fields["prompts"])
-        return cls(tuple(fields["feedback_ids"]), prompts, fields["parent"], resumed=True)
+        return cls(fields["id"], tuple(fields["feedback_ids"]), prompts, fields["parent"], resumed=True)
 
 
 @dataclass(frozen=True)
@@ -204,6 +206,7 @@ class TrainingLoop:
             return RoundPlan.read(path)
         shutil.rmtree(round_dir, ignore_errors=True)  # a round that crashed before writing its plan
         plan = RoundPlan(
+            id=uuid.uuid4().hex,
             feedback_ids=self.store.training_snapshot().feedback_ids,
             prompts=self.ppo_prompts(number),
             parent=self.registry.latest().name,
@@ -214,9 +217,38 @@ class TrainingLoop:
     def _train_and_publish(
         self, record: RoundRecord, data: TrainingData, plan: RoundPlan, round_dir: Path
     ) -> RoundRecord:
+        parent = self.registry.get(plan.parent)
+        source = f"trainer-round-{plan.id}"
+        published = self.registry.find(source)
+        if published is not None:  # killed after publishing, before recording: announce it again, record it
+            round_metrics = published.manifest["metrics"]
+        else:
+            round_metrics = self._train(record, data, plan, round_dir, parent)
+        version = publish_policy(
+            round_dir / "adapter",
+            registry=self.registry,
+            producer=self.producer,
+            settings=self.settings,
+            parent=parent.name,
+            metrics=round_metrics,
+            source=source,
+        )
+        metrics.show_round(round_metrics, version.number)
+        _log("policy.published", round=record.round, version=version.name, parent=parent.name)
+        return dataclasses.replace(
+            record,
+            parent_version=parent.name,
+            version=version.name,
+            reward_model_dir=round_dir / "reward_model",
+            metrics=round_metrics,
+        )
+
+    def _train(
+        self, record: RoundRecord, data: TrainingData, plan: RoundPlan, round_dir: Path, parent: PolicyVersion
+    ) -> dict[str, float]:
+        """The round's reward model, then PPO from `parent`; returns the round's metrics."""
         settings = self.settings
         reward_model_dir, adapter_dir = round_dir / "reward_model", round_dir / "adapter"
-        parent = self.registry.get(plan.parent)
         previous_reward_model = self.store.last_reward_model_dir()
         if previous_reward_model is not None and not previous_reward_model.is_dir():
             previous_reward_model = None  # the work dir was cleared: start a fresh reward model
@@ -254,27 +286,10 @@ class TrainingLoop:
             on_step=lambda step_metrics: self._on_ppo_step(record.round, step_metrics),
             checkpoint_dir=round_dir / "ppo_checkpoints",
         )
-        round_metrics = {
+        return {
             **{f"reward_model/{name}": value for name, value in rm_metrics.items()},
             **{f"ppo/{name}": value for name, value in ppo_metrics.items()},
         }
-        version = publish_policy(
-            adapter_dir,
-            registry=self.registry,
-            producer=self.producer,
-            settings=settings,
-            parent=parent.name,
-            metrics=round_metrics,
-        )
-        metrics.show_round(round_metrics, version.number)
-        _log("policy.published", round=record.round, version=version.name, parent=parent.name)
-        return dataclasses.replace(
-            record,
-            parent_version=parent.name,
-            version=version.name,
-            reward_model_dir=reward_model_dir,
-            metrics=round_metrics,
-        )
 
     def ppo_prompts(self, round_number: int) -> list[Prompt]:
         """What users asked, then corpus prompts so that a few users' prompts do not narrow the policy."""

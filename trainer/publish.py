@@ -21,14 +21,17 @@ def publish_policy(
     settings: SharedSettings,
     parent: str,
     metrics: dict[str, float],
+    source: str,
 ) -> PolicyVersion:
     """Publish `adapter_dir` as the next version and return it once the broker acknowledged the PolicyEvent.
 
-    The registry comes first so that serving never hears of a version it cannot load. If the announcement
+    The registry comes first so that serving never hears of a version it cannot load. Publishing again
+    from the same `source` (a round resumed after a crash between the two steps) finds the version
+    already there and announces it again, which followers ignore if they have it. If the announcement
     fails the version still exists; the next round builds on it and announces its own successor.
     """
     version = registry.publish(
-        adapter_dir, base_model=str(settings.base_model), parent=parent, metrics=metrics
+        adapter_dir, base_model=str(settings.base_model), parent=parent, metrics=metrics, source=source
     )
     event = PolicyEvent(version=version.name, base_model=str(settings.base_model), metrics=metrics)
     producer.send(settings.policy_topic, key=version.name, value=event).get(timeout=ANNOUNCE_TIMEOUT_S)

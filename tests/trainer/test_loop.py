@@ -226,6 +226,31 @@ def test_a_round_killed_during_ppo_resumes_on_the_same_data(settings, store, pro
     assert store.rounds()[0]["feedback_new"] == 1 and store.new_feedback_count() == 1  # the late one waits
 
 
+def test_a_round_killed_after_publishing_does_not_publish_twice(settings, store, producer, monkeypatch):
+    store.save_batch(
+        EventBatch(
+            completions=[COMPLETIONS["c1"]], feedback=[feedback(type="thumbs", rating="up", **ref("c1"))]
+        )
+    )
+
+    def killed_before_recording(record):
+        raise Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(store, "record_round", killed_before_recording)
+        with pytest.raises(Killed):
+            make_loop(settings, store, producer, FakeLearners()).run_round()
+    assert PolicyRegistry(settings.registry_dir).latest().name == "v1" and store.rounds() == []
+
+    restarted = FakeLearners()
+    record = make_loop(settings, store, producer, restarted).run_round()
+    assert (record.round, record.status, record.version) == (1, "published", "v1")
+    assert restarted.reward_model_calls == restarted.ppo_calls == []  # nothing trained again
+    assert record.metrics == {"reward_model/train_loss": 0.25, "ppo/reward_mean": 0.5}
+    assert [v.name for v in PolicyRegistry(settings.registry_dir).list()] == ["v0", "v1"]
+    assert store.new_feedback_count() == 0
+
+
 def test_waiting_for_feedback(settings, store, producer):
     settings = settings.model_copy(update=dict(min_new_feedback=2, max_wait_s=0.5, check_interval_s=0.02))
     stop = threading.Event()
