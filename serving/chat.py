@@ -149,17 +149,15 @@ class ChatService:
                                        system_fingerprint=chat.policy.name, choices=choices, usage=usage)
             return f"data: {body.model_dump_json()}\n\n"
 
-        yield event([ChunkChoice(index=i, delta=Delta(role="assistant", content="")) for i in range(chat.options.n)])
+        # One choice per chunk, as OpenAI sends them: clients read chunk.choices[0].
+        for i in range(chat.options.n):
+            yield event([ChunkChoice(index=i, delta=Delta(role="assistant", content=""))])
         async for update in self._generate(chat):
             transcript.add(update)
-            changed = [
-                ChunkChoice(index=d.index, delta=Delta(content=d.text or None), finish_reason=d.finish_reason,
-                            logprobs=openai_logprobs(d.logprobs))
-                for d in update.choices
-                if d.text or d.finish_reason
-            ]
-            if changed:
-                yield event(changed)
+            for d in update.choices:
+                if d.text or d.finish_reason:
+                    yield event([ChunkChoice(index=d.index, delta=Delta(content=d.text or None),
+                                             finish_reason=d.finish_reason, logprobs=openai_logprobs(d.logprobs))])
         self._finished(chat, transcript)
         if include_usage:
             yield event([], transcript.usage())

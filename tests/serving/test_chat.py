@@ -54,6 +54,19 @@ def test_stream_sends_role_deltas_finish_and_usage(client, events):
     assert events.completions[0].completion_id == chunks[0]["id"]
 
 
+def test_stream_of_n_choices_sends_one_choice_per_chunk(client):
+    with client.stream("POST", "/v1/chat/completions",
+                       json={"messages": USER, "max_tokens": 3, "n": 2, "stream": True}) as response:
+        lines = [line for line in response.iter_lines() if line and line != "data: [DONE]"]
+    chunks = [json.loads(line.removeprefix("data: ")) for line in lines]
+    assert all(len(c["choices"]) == 1 for c in chunks)  # clients read chunk.choices[0], as OpenAI sends it
+    for index in (0, 1):
+        mine = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == index]
+        assert mine[0]["delta"]["role"] == "assistant"
+        assert "".join(choice["delta"].get("content") or "" for choice in mine) == "[v0] w1 w2 "
+        assert [choice["finish_reason"] for choice in mine if choice["finish_reason"]] == ["length"]
+
+
 def test_user_id_is_hashed_before_logging(client, events):
     client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 1, "user": "alice@example.com"})
     [event] = events.completions
