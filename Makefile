@@ -54,7 +54,9 @@ bench: $(INSTALLED) model
 	$(BIN)/python bench/serving_bench.py --model $(BASE_MODEL)
 	$(BIN)/python bench/rollout_bench.py --model $(BASE_MODEL)
 
+# ruff is a developer tool, not a test dependency: installed on first use.
 lint: $(INSTALLED)
+	$(BIN)/python -m ruff --version >/dev/null 2>&1 || $(BIN)/pip install --quiet 'ruff>=0.17'
 	$(BIN)/python -m ruff check .
 
 clean:

@@ -80,7 +80,7 @@ def main() -> int:
             "serving": start_service(["serving"], env),
             "trainer": start_service(["trainer", "run"], env),
         }
-        for name, process in children.items():
+        for process in children.values():
             stack.callback(stop_service, process)
         settings = SharedSettings()
         port = env.get("SERVING_PORT", "8000")

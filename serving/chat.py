@@ -28,14 +28,14 @@ from serving.policy import PolicyManager
 from serving.protocol import (
     AssistantMessage,
     ChatCompletionChunk,
-    ChoiceLogprobs,
-    TokenLogprob,
-    TopLogprob,
     ChatCompletionRequest,
     ChatCompletionResponse,
     Choice,
+    ChoiceLogprobs,
     ChunkChoice,
     Delta,
+    TokenLogprob,
+    TopLogprob,
     Usage,
 )
 

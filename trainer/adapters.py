@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from peft import LoraConfig
+from pathlib import Path
+
+from peft import LoraConfig, PeftConfig
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -16,3 +18,8 @@ def lora_config(config, task_type: str | None = None) -> LoraConfig:
         target_modules=list(config.lora_target_modules),
         task_type=task_type,
     )
+
+
+def adapter_rank(adapter_dir: Path) -> int:
+    """The LoRA rank of a saved adapter."""
+    return PeftConfig.from_pretrained(str(adapter_dir)).r

@@ -32,13 +32,15 @@ from prometheus_client import start_http_server
 from common.kafka import ensure_topics, make_producer, wait_for_broker
 from common.registry import PolicyRegistry, PolicyVersion
 from trainer import metrics
+from trainer.adapters import adapter_rank
 from trainer.corpus import generate_dialogues, sample_prompts
 from trainer.data import Demonstration, Prompt, prompt_from_messages, prompt_to_messages
 from trainer.ingest import Ingestor
-from trainer.ppo import PPOConfig, train_ppo
+from trainer.ppo import PPOConfig, make_rollout, train_ppo
 from trainer.publish import publish_policy
 from trainer.reward_model import META_FILE as REWARD_MODEL_META
 from trainer.reward_model import RewardModelConfig, train_reward_model
+from trainer.rollout import RolloutBackend
 from trainer.settings import TrainerSettings
 from trainer.store import FeedbackStore, RoundRecord, TrainingData
 from trainer.tokens import load_tokenizer
@@ -78,10 +80,12 @@ class RoundPlan:
 
 @dataclass(frozen=True)
 class Learners:
-    """The two training steps, as trainer.reward_model and trainer.ppo define them; tests pass fakes."""
+    """The two training steps and PPO's rollout backend, as trainer.reward_model, trainer.ppo and
+    trainer.rollout define them; tests pass fakes."""
 
     train_reward_model: Callable[..., dict[str, float]] = train_reward_model
     train_ppo: Callable[..., dict[str, float]] = train_ppo
+    make_rollout: Callable[[PPOConfig, Path, int], RolloutBackend] = make_rollout
 
 
 def reward_model_config(settings: TrainerSettings) -> RewardModelConfig:
@@ -137,17 +141,26 @@ class TrainingLoop:
         self.producer = producer
         self.stop = stop
         self.learners = learners
+        self.rollout: RolloutBackend | None = None  # started by the first PPO run, kept across rounds
 
     def run(self, ingestor: Ingestor) -> None:
         """Round after round until `stop` is set; raises if the ingest thread dies."""
-        while self.wait_for_feedback(ingestor, since=time.monotonic()):
-            try:
-                record = self.run_round()
-            except RoundAbandoned:
-                _log("round.abandoned")
-                return
-            if record.status == "failed":
-                self.stop.wait(self.settings.max_wait_s)  # do not spin on a round that keeps failing
+        try:
+            while self.wait_for_feedback(ingestor, since=time.monotonic()):
+                try:
+                    record = self.run_round()
+                except RoundAbandoned:
+                    _log("round.abandoned")
+                    return
+                if record.status == "failed":
+                    self.stop.wait(self.settings.max_wait_s)  # do not spin on a round that keeps failing
+        finally:
+            self.close_rollout()
+
+    def close_rollout(self) -> None:
+        if self.rollout is not None:
+            self.rollout.close()
+            self.rollout = None
 
     def wait_for_feedback(self, ingestor: Ingestor, since: float) -> bool:
         """True once enough new feedback is ready, or some after max_wait_s; False when asked to stop."""
@@ -187,6 +200,7 @@ class TrainingLoop:
             except Exception as exc:
                 log.exception("round.failed", extra={"fields": {"round": number}})
                 record = dataclasses.replace(record, status="failed", error=repr(exc))
+                self.close_rollout()  # it may be what failed: the next round starts a new one
         self.store.record_round(record)
         metrics.ROUNDS.labels(status=record.status).inc()
         _log(
@@ -272,12 +286,17 @@ class TrainingLoop:
             raise RoundAbandoned
 
         _log("ppo.started", round=record.round, parent=parent.name, prompts=len(plan.prompts))
+        config = ppo_config(settings, record.round)
+        if self.rollout is None:  # a vLLM engine starts in about 20 s: once per process, not per round
+            # Every version descends from the SFT adapter (when set) or from a new adapter of lora_r.
+            rank = adapter_rank(settings.sft_adapter) if settings.sft_adapter else config.lora_r
+            self.rollout = self.learners.make_rollout(config, settings.base_model, rank)
         ppo_metrics = self.learners.train_ppo(
             settings.base_model,
             reward_model_dir,
             list(plan.prompts),
             adapter_dir,
-            ppo_config(settings, record.round),
+            config,
             init_adapter=parent.path,
             reference_adapter=settings.sft_adapter,
             ptx_texts=ptx_texts(
@@ -285,6 +304,7 @@ class TrainingLoop:
             ),
             on_step=lambda step_metrics: self._on_ppo_step(record.round, step_metrics),
             checkpoint_dir=round_dir / "ppo_checkpoints",
+            rollout=self.rollout,
         )
         return {
             **{f"reward_model/{name}": value for name, value in rm_metrics.items()},

@@ -72,11 +72,12 @@ class PPOConfig:
     max_new_tokens: int = 32
     # Sampling temperature, also applied to the logits PPO trains on so the ratio is that of the sampler.
     temperature: float = 1.0
-    # Who samples the rollouts (trainer.rollout): "hf" runs transformers' generate on the policy being
-    # trained; "vllm" runs a vLLM engine of the trainer's own, with the policy adapter reloaded after every
-    # update. vLLM costs an engine start (about 20 s on the CPU) per train_ppo call unless the caller passes
-    # a running backend; see bench/rollout_bench.py for what it gains per step.
-    rollout_backend: Literal["hf", "vllm"] = "hf"
+    # Who samples the rollouts (trainer.rollout): "vllm" runs a vLLM engine of the trainer's own, with the
+    # policy adapter reloaded after every update; "hf" runs transformers' generate on the policy being
+    # trained (no engine to start: quick experiments and tests). A vLLM engine takes about 20 s to start on
+    # the CPU, once per train_ppo call unless the caller passes a running one (the loop keeps one across
+    # rounds); bench/rollout_bench.py measures what it gains per step.
+    rollout_backend: Literal["hf", "vllm"] = "vllm"
     # How the vLLM engine gets each update (trainer.rollout.VllmRollout): "weights" reloads the base weights
     # with the adapter merged in (fastest on the CPU: vLLM's CPU LoRA kernels cost 2.6x per batch), "lora"
     # loads the adapter alone under a new LoRA id (writes far less for large models).
@@ -206,13 +207,13 @@ def reference_policy(policy: PeftModel) -> Iterator[None]:
         policy.set_adapter("default")  # also makes the policy adapter trainable again, and the SFT one not
 
 
-def make_rollout(config: PPOConfig, base_model: Path, policy: PeftModel, tokenizer) -> RolloutBackend:
+def make_rollout(config: PPOConfig, base_model: Path, lora_rank: int) -> RolloutBackend:
+    """A rollout backend of config.rollout_backend for policies of LoRA rank `lora_rank` or less."""
     if config.rollout_backend == "hf":
-        return HFRollout(tokenizer)
+        return HFRollout(load_tokenizer(base_model))
     if config.rollout_backend == "vllm":
-        rank = policy.peft_config["default"].r  # an init adapter keeps its own rank
         return VllmRollout(
-            base_model, rank, config.vllm_sync, gpu_memory_utilization=config.vllm_gpu_memory_utilization
+            base_model, lora_rank, config.vllm_sync, gpu_memory_utilization=config.vllm_gpu_memory_utilization
         )
     raise ValueError(f"unknown rollout backend {config.rollout_backend!r}")
 
@@ -308,7 +309,8 @@ def train_ppo(
         log.info("ppo resumes after step %d from %s", state["step"], resume_from)
 
     own_rollout = rollout is None
-    rollout = make_rollout(config, base_model, policy, tokenizer) if own_rollout else rollout
+    if own_rollout:  # an init adapter keeps its own rank
+        rollout = make_rollout(config, base_model, policy.peft_config["default"].r)
     try:
         rollout.refresh(policy)
         for step in range(first_step, config.steps + 1):

@@ -138,7 +138,8 @@ class VllmRollout:
     sync="weights": refresh writes the base weights with the adapter merged in and reloads them in place
     (the engine runs without LoRA); sync="lora": refresh saves the adapter and the engine applies it with
     its LoRA kernels. The engine starts in about 20 s (tiny model, CPU). On the CPU its KV cache takes
-    VLLM_CPU_KVCACHE_SPACE GiB (1 unless set); on a GPU it takes `gpu_memory_utilization` of the device,
+    VLLM_CPU_KVCACHE_SPACE GiB (1 unless set) and its worker is not pinned to cores
+    (VLLM_CPU_OMP_THREADS_BIND=nobind unless set); on a GPU it takes `gpu_memory_utilization` of the device,
     which the training step shares. float32 keeps sampling close to the torch log-probabilities PPO
     recomputes. A process that builds one must guard its entry point with `if __name__ == "__main__":`
     (vLLM starts worker processes).
@@ -148,6 +149,9 @@ class VllmRollout:
                  max_model_len: int | None = None, gpu_memory_utilization: float = 0.3):  # fmt: skip
         if not torch.cuda.is_available():
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+            # vLLM pins its CPU worker to the first cores by default, the same ones for every engine: next
+            # to serving's engine the trainer's worker got 65 ms of CPU in 3.5 minutes. Let the OS place it.
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         from vllm import LLM  # imported here: the HF backend and the tests' fast path never load vLLM
 
         lora = {"enable_lora": True, "max_loras": 1,

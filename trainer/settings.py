@@ -72,8 +72,8 @@ class TrainerSettings(SharedSettings):
     )
     ppo_rollout_backend: Literal["hf", "vllm"] | None = Field(
         None,
-        description="Who samples PPO's rollouts: 'hf' (transformers' generate) or 'vllm' (an engine of the "
-        "trainer's own, started each round); unset: config default (docs/training.md has the trade-off).",
+        description="Who samples PPO's rollouts: 'vllm' (an engine of the trainer's own, started at the "
+        "first round and kept) or 'hf' (transformers' generate); unset: PPOConfig's default, vllm.",
     )
     sft_adapter: Path | None = Field(
         None,

@@ -86,7 +86,7 @@ class VllmEngine:
 
 def _token_logprobs(completion, top_n: int) -> list[TokenLogprob]:
     result = []
-    for token_id, position in zip(completion.token_ids, completion.logprobs or []):
+    for token_id, position in zip(completion.token_ids, completion.logprobs or [], strict=False):
         chosen = position[token_id]
         ranked = sorted(position.values(), key=lambda lp: -lp.logprob)[:top_n]
         result.append(TokenLogprob(token=chosen.decoded_token or "", logprob=chosen.logprob,

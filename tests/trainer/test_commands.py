@@ -62,7 +62,7 @@ def events(lines: list[dict], name: str) -> list[dict]:
 
 PPO_SETTINGS = ["--set", "steps=3", "--set", "rollout_batch_size=8", "--set", "minibatch_size=4",
                 "--set", "max_new_tokens=16", "--set", "ptx_batch_size=4", "--corpus-prompts", "8",
-                "--ptx-dialogues", "8"]  # fmt: skip
+                "--ptx-dialogues", "8", "--set", "rollout_backend=hf"]  # fmt: skip
 
 
 def test_sft_rm_and_ppo_commands_log_json_lines_and_write_their_results(base_model_dir, data, tmp_path):

@@ -22,7 +22,7 @@ from feedback.events import PolicyEvent
 from tests.trainer.test_ingest import isolated_settings, produce, wait_until
 from tests.trainer.test_store import COMPLETIONS, OTHER_PROMPT, PROMPT, feedback, ref
 from trainer.data import RewardDataset
-from trainer.loop import Learners, RoundAbandoned, TrainingLoop
+from trainer.loop import Learners, TrainingLoop
 from trainer.store import EventBatch, FeedbackStore
 
 pytestmark = pytest.mark.kafka
@@ -45,9 +45,17 @@ class FakeLearners:
         self.stop_during_ppo = stop_during_ppo
         self.reward_model_calls: list[dict] = []
         self.ppo_calls: list[dict] = []
+        self.rollouts: list[SimpleNamespace] = []
 
     def learners(self) -> Learners:
-        return Learners(train_reward_model=self.train_reward_model, train_ppo=self.train_ppo)
+        return Learners(train_reward_model=self.train_reward_model, train_ppo=self.train_ppo,
+                        make_rollout=self.make_rollout)  # fmt: skip
+
+    def make_rollout(self, config, base_model, lora_rank):
+        rollout = SimpleNamespace(backend=config.rollout_backend, lora_rank=lora_rank, closed=False)
+        rollout.close = lambda: setattr(rollout, "closed", True)
+        self.rollouts.append(rollout)
+        return rollout
 
     def train_reward_model(self, base_model, data: RewardDataset, out_dir: Path, config, init_from=None):
         self.reward_model_calls.append(dict(data=data, out_dir=out_dir, config=config, init_from=init_from))
@@ -58,10 +66,10 @@ class FakeLearners:
 
     def train_ppo(self, base_model, reward_model_dir, prompts, out_adapter_dir: Path, config,
                   init_adapter=None, reference_adapter=None, ptx_texts=None, on_step=None,
-                  checkpoint_dir=None):  # fmt: skip
+                  checkpoint_dir=None, rollout=None):  # fmt: skip
         self.ppo_calls.append(
             dict(reward_model_dir=reward_model_dir, prompts=prompts, config=config, init_adapter=init_adapter,
-                 ptx_texts=ptx_texts, checkpoint_dir=checkpoint_dir)
+                 ptx_texts=ptx_texts, checkpoint_dir=checkpoint_dir, rollout=rollout)
         )  # fmt: skip
         if self.fail_ppo:
             raise RuntimeError("PPO diverged")
@@ -148,6 +156,10 @@ def test_rounds_publish_versions_that_build_on_each_other(settings, store, produ
     second = loop.run_round()
 
     assert (second.status, second.version, second.parent_version) == ("published", "v2", "v1")
+    # One rollout engine, started for the first round and kept for the next.
+    [rollout] = fakes.rollouts
+    assert (rollout.backend, rollout.lora_rank) == ("vllm", 8)
+    assert fakes.ppo_calls[0]["rollout"] is fakes.ppo_calls[1]["rollout"] is rollout and not rollout.closed
     assert fakes.reward_model_calls[1]["init_from"] == rm_call["out_dir"]
     assert len(fakes.reward_model_calls[1]["data"]) == 3  # all feedback so far: two pairs and a label
     assert fakes.ppo_calls[1]["init_adapter"] == v1.path
@@ -170,9 +182,12 @@ def test_a_failed_round_publishes_nothing_and_keeps_its_feedback_new(settings, s
             completions=[COMPLETIONS["c1"]], feedback=[feedback(type="thumbs", rating="up", **ref("c1"))]
         )
     )
-    record = make_loop(settings, store, producer, FakeLearners(fail_ppo=True)).run_round()
+    fakes = FakeLearners(fail_ppo=True)
+    loop = make_loop(settings, store, producer, fakes)
+    record = loop.run_round()
 
     assert record.status == "failed" and "PPO diverged" in record.error
+    assert fakes.rollouts[0].closed and loop.rollout is None  # the next round starts a fresh engine
     assert PolicyRegistry(settings.registry_dir).latest().name == "v0"
     assert store.new_feedback_count() == 1
     assert store.rounds()[0]["status"] == "failed"
@@ -194,11 +209,13 @@ def test_a_stop_during_ppo_abandons_the_round_unrecorded(settings, store, produc
             completions=[COMPLETIONS["c1"]], feedback=[feedback(type="thumbs", rating="up", **ref("c1"))]
         )
     )
+    settings = settings.model_copy(update=dict(min_new_feedback=1, check_interval_s=0.02))
     stop = threading.Event()
-    loop = make_loop(settings, store, producer, FakeLearners(stop_during_ppo=stop), stop)
+    fakes = FakeLearners(stop_during_ppo=stop)
+    loop = make_loop(settings, store, producer, fakes, stop)
 
-    with pytest.raises(RoundAbandoned):
-        loop.run_round()
+    loop.run(SimpleNamespace(error=None))  # returns once the round is abandoned
+    assert len(fakes.ppo_calls) == 1 and fakes.rollouts[0].closed
     assert store.rounds() == [] and store.new_feedback_count() == 1
     assert PolicyRegistry(settings.registry_dir).latest().name == "v0"
 

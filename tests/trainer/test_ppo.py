@@ -198,7 +198,7 @@ def test_ppo_killed_after_a_step_resumes_from_its_checkpoint(base_model_dir, len
     tokenizer = load_tokenizer(base_model_dir)
     ptx_texts = [tokenizer.apply_chat_template(d, tokenize=False) for d in generate_dialogues(8, seed=5)]
     config = PPOConfig(steps=3, rollout_batch_size=4, minibatch_size=2, ppo_epochs=2, max_new_tokens=12,
-                       ptx_batch_size=2, seed=0)  # fmt: skip
+                       ptx_batch_size=2, seed=0, rollout_backend="hf")  # fmt: skip
     run = {
         "base_model": base_model_dir,
         "reward_model_dir": rm_dir,

@@ -44,9 +44,9 @@ def test_pointwise_loss_is_binary_cross_entropy_of_the_reward_as_logit():
 
 def accuracy(model: RewardModel, data: RewardDataset) -> tuple[float, float]:
     """Pairwise and pointwise accuracy of `model` on `data`."""
-    pairs = [(g.prompt, w, l) for g in data.groups for w, l in g.pairs]
-    chosen = model.score([p for p, _, _ in pairs], [w for _, w, _ in pairs])
-    rejected = model.score([p for p, _, _ in pairs], [l for _, _, l in pairs])
+    pairs = [(g.prompt, winner, loser) for g in data.groups for winner, loser in g.pairs]
+    chosen = model.score([p for p, _, _ in pairs], [winner for _, winner, _ in pairs])
+    rejected = model.score([p for p, _, _ in pairs], [loser for _, _, loser in pairs])
     scores = model.score([x.prompt for x in data.pointwise], [x.response for x in data.pointwise])
     targets = torch.tensor([x.target for x in data.pointwise])
     return (chosen > rejected).float().mean().item(), ((scores > 0) == (targets > 0.5)).float().mean().item()

@@ -103,7 +103,7 @@ def test_ppo_starts_from_the_sft_policy_and_keeps_it_as_reference(
 
     rm_dir, _ = length_rm
     history: list[dict] = []
-    config = PPOConfig(steps=2, rollout_batch_size=4, minibatch_size=2, max_new_tokens=12)
+    config = PPOConfig(steps=2, rollout_batch_size=4, minibatch_size=2, max_new_tokens=12, rollout_backend="hf")
     prompts = [prompt_from_messages(m) for m in sample_prompts(8, seed=0)]
     train_ppo(base_model_dir, rm_dir, prompts, tmp_path / "ppo", config, reference_adapter=adapter,
               on_step=history.append)  # fmt: skip
