@@ -1,4 +1,9 @@
-"""The trainer's main loop: wait for feedback, train the reward model, run PPO, publish a policy version.
+"""The trainer's main loop: wait for feedback, train the reward model, run PPO, evaluate, publish.
+
+A round publishes its policy only if the evaluation gate (trainer.evaluate) passes it: not measurably worse
+than its parent on held-out prompts, and within the KL bound of the reference. A rejected round is recorded
+(its feedback counts as trained on, its reward model seeds the next) and the next round starts again from
+the same parent.
 
 Rounds are crash-safe by construction: feedback counts as trained on only once its round is recorded. A
 round that dies (or is abandoned on SIGTERM) resumes after the restart where it stopped, on the same data:
@@ -35,6 +40,7 @@ from trainer import metrics
 from trainer.adapters import adapter_rank
 from trainer.corpus import generate_dialogues, sample_prompts
 from trainer.data import Demonstration, Prompt, prompt_from_messages, prompt_to_messages
+from trainer.evaluate import EvalConfig, evaluate_candidate
 from trainer.ingest import Ingestor
 from trainer.ppo import PPOConfig, make_rollout, train_ppo
 from trainer.publish import publish_policy
@@ -85,6 +91,7 @@ class Learners:
 
     train_reward_model: Callable[..., dict[str, float]] = train_reward_model
     train_ppo: Callable[..., dict[str, float]] = train_ppo
+    evaluate: Callable[..., dict[str, float]] = evaluate_candidate
     make_rollout: Callable[[PPOConfig, Path, int], RolloutBackend] = make_rollout
 
 
@@ -101,6 +108,15 @@ def ppo_config(settings: TrainerSettings, round_number: int) -> PPOConfig:
         rollout_batch_size=settings.ppo_rollout_batch_size,
         max_new_tokens=settings.ppo_max_new_tokens,
         rollout_backend=settings.ppo_rollout_backend,
+    )
+
+
+def eval_config(settings: TrainerSettings) -> EvalConfig:
+    return _with_overrides(
+        EvalConfig(),
+        prompts=settings.eval_prompts,
+        max_reward_drop_se=settings.eval_max_reward_drop_se,
+        max_kl=settings.eval_max_kl,
     )
 
 
@@ -238,6 +254,15 @@ class TrainingLoop:
             round_metrics = published.manifest["metrics"]
         else:
             round_metrics = self._train(record, data, plan, round_dir, parent)
+            if not round_metrics["eval/passed"]:
+                _log("policy.rejected", round=record.round, parent=parent.name, metrics=round_metrics)
+                return dataclasses.replace(
+                    record,
+                    status="rejected",
+                    parent_version=parent.name,
+                    reward_model_dir=round_dir / "reward_model",
+                    metrics=round_metrics,
+                )
         version = publish_policy(
             round_dir / "adapter",
             registry=self.registry,
@@ -306,9 +331,24 @@ class TrainingLoop:
             checkpoint_dir=round_dir / "ppo_checkpoints",
             rollout=self.rollout,
         )
+
+        # The gate: the new policy against its parent, on held-out prompts, scored by this round's RM.
+        eval_metrics = self.learners.evaluate(
+            settings.base_model,
+            reward_model_dir,
+            adapter_dir,
+            parent.path,
+            eval_config(settings),
+            config,
+            reference_adapter=settings.sft_adapter,
+            rollout=self.rollout,
+        )
+        _log("evaluation.finished", round=record.round, metrics=eval_metrics)
+        metrics.show_step("eval", eval_metrics)
         return {
             **{f"reward_model/{name}": value for name, value in rm_metrics.items()},
             **{f"ppo/{name}": value for name, value in ppo_metrics.items()},
+            **{f"eval/{name}": value for name, value in eval_metrics.items()},
         }
 
     def ppo_prompts(self, round_number: int) -> list[Prompt]:

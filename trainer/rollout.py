@@ -31,7 +31,13 @@ import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import save_file
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedTokenizerBase,
+)
 
 from trainer.tokens import pad_left
 
@@ -156,12 +162,19 @@ class VllmRollout:
 
         lora = {"enable_lora": True, "max_loras": 1,
                 "max_lora_rank": min(r for r in VLLM_LORA_RANKS if r >= lora_rank)}  # fmt: skip
+        unsplit_prefills = {}
+        if not torch.cuda.is_available():
+            # vLLM 0.32's CPU worker dies ("CPU Generator does not use offset") when it splits the prefill
+            # of a seeded request across steps, and every rollout is seeded: prefills stay whole.
+            context = max_model_len or AutoConfig.from_pretrained(base_model).max_position_embeddings
+            unsplit_prefills = {"enable_chunked_prefill": False, "max_num_batched_tokens": max(8192, context)}
         self.llm = LLM(
             model=str(base_model),
             dtype="float32",
             max_model_len=max_model_len,
             gpu_memory_utilization=gpu_memory_utilization,
             **(lora if sync == "lora" else {}),
+            **unsplit_prefills,
         )
         self.sync = sync
         self.eos_id = self.llm.get_tokenizer().eos_token_id

@@ -75,6 +75,17 @@ class TrainerSettings(SharedSettings):
         description="Who samples PPO's rollouts: 'vllm' (an engine of the trainer's own, started at the "
         "first round and kept) or 'hf' (transformers' generate); unset: PPOConfig's default, vllm.",
     )
+    eval_prompts: int | None = Field(
+        None, ge=1, description="Held-out prompts the evaluation gate samples (unset: EvalConfig default)."
+    )
+    eval_max_reward_drop_se: float | None = Field(
+        None, description="The gate rejects a policy whose reward is below its parent's by more than this "
+        "many standard errors (unset: EvalConfig default, 3).",
+    )
+    eval_max_kl: float | None = Field(
+        None, gt=0, description="The gate rejects a policy further than this from the reference, in nats per "
+        "answer (unset: EvalConfig default, 20).",
+    )
     sft_adapter: Path | None = Field(
         None,
         description="An SFT adapter (`python -m trainer sft`): PPO's reference policy, and the start of the "

@@ -77,7 +77,7 @@ CREATE TABLE IF NOT EXISTS rounds (
     round             INTEGER PRIMARY KEY,
     started_at        TEXT NOT NULL,
     finished_at       TEXT NOT NULL,
-    status            TEXT NOT NULL CHECK (status IN ('published', 'skipped', 'failed')),
+    status            TEXT NOT NULL CHECK (status IN ('published', 'rejected', 'skipped', 'failed')),
     parent_version    TEXT,
     version           TEXT,
     feedback_total    INTEGER NOT NULL,
@@ -141,7 +141,7 @@ class TrainingSnapshot:
 class RoundRecord:
     round: int
     started_at: datetime
-    status: str  # 'published', 'skipped' (nothing to learn from) or 'failed'
+    status: str  # 'published', 'rejected' (by the evaluation gate), 'skipped' (nothing to learn) or 'failed'
     feedback_total: int
     new_feedback_ids: tuple[str, ...]
     parent_version: str | None = None
@@ -302,7 +302,8 @@ class FeedbackStore:
     def last_reward_model_dir(self) -> Path | None:
         with self._reading() as db:
             row = db.execute(
-                "SELECT reward_model_dir FROM rounds WHERE status = 'published' ORDER BY round DESC LIMIT 1"
+                "SELECT reward_model_dir FROM rounds WHERE status IN ('published', 'rejected')"
+                " ORDER BY round DESC LIMIT 1"
             ).fetchone()
         return Path(row[0]) if row and row[0] else None
 

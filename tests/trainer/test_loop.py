@@ -34,13 +34,20 @@ class Killed(BaseException):
     """Stands for the process being killed: no `except Exception` catches it."""
 
 
+ROUND_METRICS = {"reward_model/train_loss": 0.25, "ppo/reward_mean": 0.5, "eval/reward_gain": 0.1,
+                 "eval/passed": 1.0}  # fmt: skip
+
+
 class FakeLearners:
     """Records what the loop hands the learners and writes stand-ins for their outputs."""
 
     def __init__(
-        self, fail_ppo: bool = False, stop_during_ppo: threading.Event | None = None, kill_ppo: bool = False
-    ):
+        self, fail_ppo: bool = False, stop_during_ppo: threading.Event | None = None, kill_ppo: bool = False,
+        reject: bool = False,
+    ):  # fmt: skip
         self.fail_ppo = fail_ppo
+        self.reject = reject
+        self.eval_calls: list[dict] = []
         self.kill_ppo = kill_ppo
         self.stop_during_ppo = stop_during_ppo
         self.reward_model_calls: list[dict] = []
@@ -49,7 +56,13 @@ class FakeLearners:
 
     def learners(self) -> Learners:
         return Learners(train_reward_model=self.train_reward_model, train_ppo=self.train_ppo,
-                        make_rollout=self.make_rollout)  # fmt: skip
+                        evaluate=self.evaluate, make_rollout=self.make_rollout)  # fmt: skip
+
+    def evaluate(self, base_model, reward_model_dir, candidate_adapter, parent_adapter, config, policy_config,
+                 reference_adapter=None, rollout=None):  # fmt: skip
+        self.eval_calls.append(dict(reward_model_dir=reward_model_dir, candidate=candidate_adapter,
+                                    parent=parent_adapter, rollout=rollout))  # fmt: skip
+        return {"reward_gain": -0.1 if self.reject else 0.1, "passed": 0.0 if self.reject else 1.0}
 
     def make_rollout(self, config, base_model, lora_rank):
         rollout = SimpleNamespace(backend=config.rollout_backend, lora_rank=lora_rank, closed=False)
@@ -149,7 +162,7 @@ def test_rounds_publish_versions_that_build_on_each_other(settings, store, produ
     registry = PolicyRegistry(settings.registry_dir)
     v1 = registry.get("v1")
     assert json.loads((v1.path / "adapter_config.json").read_text()) == {"call": 1}
-    assert v1.manifest["metrics"] == {"reward_model/train_loss": 0.25, "ppo/reward_mean": 0.5}
+    assert v1.manifest["metrics"] == ROUND_METRICS
     assert store.new_feedback_count() == 0
 
     store.save_batch(EventBatch(feedback=[feedback(type="thumbs", rating="down", **ref("c3", 1))]))
@@ -191,6 +204,34 @@ def test_a_failed_round_publishes_nothing_and_keeps_its_feedback_new(settings, s
     assert PolicyRegistry(settings.registry_dir).latest().name == "v0"
     assert store.new_feedback_count() == 1
     assert store.rounds()[0]["status"] == "failed"
+
+
+def test_a_round_the_gate_rejects_publishes_nothing_and_the_next_starts_from_the_same_parent(
+    settings, store, producer
+):
+    store.save_batch(
+        EventBatch(
+            completions=[COMPLETIONS["c1"]], feedback=[feedback(type="thumbs", rating="up", **ref("c1"))]
+        )
+    )
+    rejecting = FakeLearners(reject=True)
+    record = make_loop(settings, store, producer, rejecting).run_round()
+
+    assert (record.status, record.version, record.parent_version) == ("rejected", None, "v0")
+    [evaluation] = rejecting.eval_calls
+    assert evaluation["candidate"] == rejecting.ppo_calls[0]["checkpoint_dir"].parent / "adapter"
+    assert evaluation["parent"] is None  # v0: the base model
+    assert evaluation["rollout"] is rejecting.rollouts[0]  # sampled by the loop's engine
+    assert record.metrics["eval/passed"] == 0.0 and record.metrics["eval/reward_gain"] == -0.1
+    assert PolicyRegistry(settings.registry_dir).latest().name == "v0"
+    assert store.new_feedback_count() == 0  # its feedback is trained on: the reward model learned it
+
+    store.save_batch(EventBatch(feedback=[feedback(type="thumbs", rating="down", **ref("c1", 1))]))
+    accepting = FakeLearners()
+    second = make_loop(settings, store, producer, accepting).run_round()
+    assert (second.status, second.version, second.parent_version) == ("published", "v1", "v0")
+    assert accepting.reward_model_calls[0]["init_from"] == record.reward_model_dir  # the rejected round's RM
+    assert [r["status"] for r in store.rounds()] == ["rejected", "published"]
 
 
 def test_a_round_with_nothing_to_learn_is_skipped(settings, store, producer):
@@ -263,7 +304,7 @@ def test_a_round_killed_after_publishing_does_not_publish_twice(settings, store,
     record = make_loop(settings, store, producer, restarted).run_round()
     assert (record.round, record.status, record.version) == (1, "published", "v1")
     assert restarted.reward_model_calls == restarted.ppo_calls == []  # nothing trained again
-    assert record.metrics == {"reward_model/train_loss": 0.25, "ppo/reward_mean": 0.5}
+    assert record.metrics == ROUND_METRICS
     assert [v.name for v in PolicyRegistry(settings.registry_dir).list()] == ["v0", "v1"]
     assert store.new_feedback_count() == 0
 

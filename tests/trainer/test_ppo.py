@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -15,8 +14,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from trainer.corpus import generate_dialogues, sample_prompts
-from trainer.data import Prompt, prompt_from_messages
-from trainer.ppo import PPOConfig, load_policy, pack, policy_forward, reference_policy, train_ppo
+from trainer.data import prompt_from_messages
+from trainer.evaluate import EvalConfig, evaluate_candidate, sample_and_score
+from trainer.ppo import PPOConfig, load_policy, pack, policy_forward, train_ppo
 from trainer.reward_model import RewardModel
 from trainer.rollout import HFRollout
 from trainer.tokens import load_tokenizer, prompt_ids
@@ -95,26 +95,6 @@ def test_hf_rollouts_end_at_eos_and_each_prompt_has_its_own_seed(base_model_dir)
     assert rollout.generate(queries[2:4], 2, 12, 1.0, seeds=[5, 3])[:2] != responses[4:6]
 
 
-def sample_and_measure(policy: PeftModel, tokenizer, rm: RewardModel, prompts: list[Prompt], adapter: bool):
-    """Two sampled answers per prompt from the policy (adapter=True) or the base: their texts, rewards, and
-    KL to the reference in nats per answer (mean of log pi - log pi_ref over the answer, an unbiased
-    estimate)."""
-    rollout = HFRollout(tokenizer)
-    rollout.refresh(policy)
-    queries = [prompt_ids(tokenizer, p) for p in prompts]
-    with nullcontext() if adapter else policy.disable_adapter():
-        responses = rollout.generate(queries, 2, 48, 1.0, seeds=list(range(len(queries))))
-        batch = pack([q for q in queries for _ in range(2)], responses, tokenizer.pad_token_id)
-        head = torch.nn.Linear(policy.config.hidden_size, 1)
-        with torch.no_grad():
-            logprobs = policy_forward(policy, head, batch, 1.0)[0]
-            with reference_policy(policy):
-                ref_logprobs = policy_forward(policy, head, batch, 1.0)[0]
-    kl = torch.where(batch.response_mask.bool(), logprobs - ref_logprobs, 0.0).sum(dim=1).mean().item()
-    texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
-    return texts, rm.score([p for p in prompts for _ in range(2)], texts), kl
-
-
 # The KL from the trained policy to the reference (the base), in nats per answer, that the learning test
 # allows. Measured on the tiny base, 20 steps at lr 1e-3: InstructGPT's beta = 0.02 reached ~17 nats and
 # garbled answers; beta = 0.2 stays at 4-7 nats (seeds 0-2) with clear gains for both preferences.
@@ -158,12 +138,16 @@ def test_ppo_raises_the_rate_of_answers_the_hidden_preference_likes(base_model_d
     # On prompts it never trained on (two answers each): answers satisfy the hidden preference clearly
     # more often than the base's (by more than three standard errors of the difference), the reward model
     # agrees, and the KL to the reference stays under the bound.
-    policy = load_policy(base_model_dir, config, init_adapter=tmp_path / "adapter").eval()
     rm = RewardModel.load(base_model_dir, rm_dir)
-    texts_before, reward_before, kl_before = sample_and_measure(
-        policy, tokenizer, rm, held_out_prompts, False
+    sampling = EvalConfig(samples_per_prompt=2, max_new_tokens=48)
+    before, after = (
+        sample_and_score(load_policy(base_model_dir, config, init_adapter=adapter).eval(),
+                         HFRollout(tokenizer), rm, held_out_prompts, sampling)
+        for adapter in (None, tmp_path / "adapter")
+    )  # fmt: skip
+    (texts_before, reward_before, kl_before), (texts_after, reward_after, kl_after) = (
+        (samples.texts, samples.rewards, samples.kl) for samples in (before, after)
     )
-    texts_after, reward_after, kl_after = sample_and_measure(policy, tokenizer, rm, held_out_prompts, True)
     rate_before = sum(map(preference.satisfied, texts_before)) / len(texts_before)
     rate_after = sum(map(preference.satisfied, texts_after)) / len(texts_after)
     rate_error = math.sqrt(
@@ -183,6 +167,21 @@ def test_ppo_raises_the_rate_of_answers_the_hidden_preference_likes(base_model_d
     assert reward_gain > 3 * reward_error.item(), figures
     assert kl_after < KL_BOUND and final["kl"] < KL_BOUND, figures
     print(figures)
+
+    # The evaluation gate passes the trained policy over its parent (the base) and rejects the base as a
+    # successor of the trained policy; a KL bound below the trained policy's KL rejects it too.
+    untrained = tmp_path / "untrained"
+    load_policy(base_model_dir, config).save_pretrained(untrained)
+    gate_config = EvalConfig(prompts=96)
+    forward = evaluate_candidate(base_model_dir, rm_dir, tmp_path / "adapter", None, gate_config, config)
+    backward = evaluate_candidate(base_model_dir, rm_dir, untrained, tmp_path / "adapter", gate_config, config)
+    tight = evaluate_candidate(base_model_dir, rm_dir, tmp_path / "adapter", None,
+                               dataclasses.replace(gate_config, max_kl=forward["kl"] / 2), config)  # fmt: skip
+    gate = f"gate: forward {forward}, backward {backward}"
+    assert forward["passed"] == 1.0 and forward["reward_gain"] > 3 * forward["reward_gain_se"], gate
+    assert backward["passed"] == 0.0 and backward["reward_gain"] < 0, gate
+    assert tight["passed"] == 0.0 and tight["reward_gain"] == forward["reward_gain"], gate
+    print(gate)
 
 
 class Killed(Exception):

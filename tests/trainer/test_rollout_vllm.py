@@ -41,6 +41,12 @@ def test_vllm_rollouts_follow_the_adapter_and_drive_ppo(base_model_dir, length_r
         assert len(samples) == 16 and all(s[-1] == eos or len(s) == 12 for s in samples)
         assert all(eos not in s[:-1] for s in samples) and samples[0] != samples[1]
         assert vllm.generate(queries[2:4], 2, 12, 1.0, seeds=[2, 3]) == samples[4:8]
+        # A batch whose prompts take more tokens than one engine step schedules (4096 by default): vLLM
+        # 0.32 on the CPU crashed on seeded requests whose prefill it split across steps.
+        texts = [" ".join(msg["content"] for m in sample_prompts(20, seed=k) for msg in m) for k in range(24)]
+        long = [prompt_ids(tokenizer, prompt_from_messages([{"role": "user", "content": t}]))[:400] for t in texts]
+        assert sum(map(len, long)) > 4096
+        assert len(vllm.generate(long, 1, 4, 1.0, seeds=list(range(24)))) == 24
 
         # A refresh after the weights changed: the engine now runs the new adapter (here: none at all).
         with torch.no_grad():
