@@ -60,12 +60,23 @@ class World:
             dist.barrier()
 
 
+# What `accelerate launch --use_fsdp / --use_deepspeed` sets. The trainer does not shard (docs/training.md,
+# "Larger models"): it refuses to start rather than ignore them and run replicated.
+SHARDING_LAUNCH_FLAGS = ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")
+
+
 def init() -> World:
     """Join the torchrun process group when there is one.
 
     Each collective goes through the backend of its tensors' device: gloo for CPU tensors (and for object
     collectives), NCCL for CUDA tensors when there is a GPU.
     """
+    sharding = [flag for flag in SHARDING_LAUNCH_FLAGS if os.environ.get(flag, "").lower() in ("1", "true")]
+    if sharding:
+        raise RuntimeError(
+            f"{' and '.join(sharding)} set: this trainer replicates its state across ranks and does not shard "
+            "it yet (docs/training.md, 'Larger models'); launch without --use_fsdp / --use_deepspeed"
+        )
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size == 1:
         return World()
