@@ -24,7 +24,8 @@ PROMTOOL = shutil.which("promtool")
 def test_project_config_passes_promtool():
     if PROMTOOL is None:
         pytest.fail("promtool not found: `make test` installs Debian's prometheus")
-    for args in (["check", "config", "deploy/prometheus.yml"], ["check", "rules", "deploy/prometheus-rules.yml"]):
+    for args in (["check", "config", "deploy/prometheus.yml"], ["check", "rules", "deploy/prometheus-rules.yml"],
+                 ["test", "rules", "deploy/prometheus-rules.test.yml"]):  # fmt: skip
         result = subprocess.run([PROMTOOL, *args], cwd=ROOT, capture_output=True, text=True)
         assert result.returncode == 0, result.stdout + result.stderr
 
