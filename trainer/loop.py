@@ -86,8 +86,8 @@ class RoundPlan:
 
 @dataclass(frozen=True)
 class Learners:
-    """The two training steps and PPO's rollout backend, as trainer.reward_model, trainer.ppo and
-    trainer.rollout define them; tests pass fakes."""
+    """The training steps, the evaluation gate and PPO's rollout backend, as trainer.reward_model,
+    trainer.ppo, trainer.evaluate and trainer.rollout define them; tests pass fakes."""
 
     train_reward_model: Callable[..., dict[str, float]] = train_reward_model
     train_ppo: Callable[..., dict[str, float]] = train_ppo
