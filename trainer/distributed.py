@@ -1,4 +1,4 @@
-"""Data parallelism for the training commands under `torchrun`: gloo for CPU tensors, NCCL for GPU ones.
+"""Data parallelism for the training commands under `torchrun`, and FSDP under `accelerate launch --use_fsdp`.
 
 Every rank holds the whole trainable state (LoRA adapters and heads are small) and uses the same seeds, so
 all ranks draw the same prompts, minibatches and orders; each rank does the work of its share of the rows
@@ -6,23 +6,50 @@ all ranks draw the same prompts, minibatches and orders; each rank does the work
 share of the minibatch's tokens, so the summed gradient is the gradient of the single-process loss and the
 result equals a single process's up to floating-point summation order.
 
-Without torchrun (no WORLD_SIZE in the environment) everything here is a no-op on a world of one.
+Launched by `accelerate launch --use_fsdp --fsdp_version 2`, the frozen base weights are sharded as well
+(`World.fully_shard`: torch's FSDP2 over each transformer layer and the whole model), which is what does
+not fit one device in a large model; the trainable adapter and heads stay whole on every rank and keep the
+all-reduce above, so optimizer state, checkpoints and saved adapters are the same as without FSDP. A
+sharded model all-gathers its weights in every forward, so every rank must run the same number of forwards:
+`chunks` splits a rank's rows accordingly, and a rank left without rows runs a forward weighted zero.
+Accelerate's own `Accelerator.prepare` is not used: on a CPU-only machine it silently runs without FSDP
+(measured with accelerate 1.15), and it would take over the gradient reduction the ranks' loss weights rely
+on. Its launcher's flags are read from the environment it sets.
+
+Without a launcher (no WORLD_SIZE in the environment) everything here is a no-op on a world of one.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from peft import PeftModel
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """FSDP2 settings, as `accelerate launch --use_fsdp --fsdp_version 2` passes them."""
+
+    # Free each layer's gathered weights after its forward (FULL_SHARD) or keep them until the backward
+    # (SHARD_GRAD_OP): memory against a second all-gather.
+    reshard_after_forward: bool = True
+    # Class names of the modules sharded as units; empty: the model's own (its `_no_split_modules`, e.g.
+    # LlamaDecoderLayer), as Accelerate's TRANSFORMER_BASED_WRAP does.
+    layer_classes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class World:
     rank: int = 0
     size: int = 1
+    sharding: Sharding | None = None  # FSDP of the frozen weights; None: every rank holds whole models
 
     @property
     def is_main(self) -> bool:
@@ -59,30 +86,108 @@ class World:
         if self.size > 1:
             dist.barrier()
 
+    def chunks(self, rows: torch.Tensor, chunk_size: int, n_rows: int) -> list[torch.Tensor]:
+        """This rank's `rows` (its share of n_rows) in chunks of at most chunk_size, as many chunks on every
+        rank (the most any rank needs), so that sharded models run the same forwards everywhere."""
+        most = math.ceil(n_rows / self.size)
+        return list(rows.tensor_split(min(len(rows), math.ceil(most / chunk_size))))
 
-# What `accelerate launch --use_fsdp / --use_deepspeed` sets. The trainer does not shard (docs/training.md,
-# "Larger models"): it refuses to start rather than ignore them and run replicated.
-SHARDING_LAUNCH_FLAGS = ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")
+    def fully_shard(self, model: nn.Module) -> nn.Module:
+        """Shard `model`'s frozen weights over the ranks (FSDP2) when the launch asked for it; its trainable
+        parameters stay whole on each rank (summed by sum_gradients). Returns `model`.
+
+        Of a PEFT model, the transformers model inside is sharded (after its adapters are loaded): its
+        forward is the one that PEFT, `generate` and trainer.ppo all call, and FSDP gathers the weights
+        outside the layers (embeddings, final norm, head) in the forward of the module sharded last.
+        """
+        if self.sharding is None:
+            return model
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        root = model.get_base_model() if isinstance(model, PeftModel) else model
+        # Rank 0's weights for all: Accelerate's launcher sets FSDP_CPU_RAM_EFFICIENT_LOADING by default,
+        # and transformers then loads the checkpoint on rank 0 only (zeros elsewhere), expecting this.
+        for tensor in [*root.parameters(), *root.buffers()]:
+            dist.broadcast(tensor.data, src=0)
+        mesh = init_device_mesh("cpu", (self.size,))  # the trainer's models live on the CPU for now
+        trainable = {p for p in root.parameters() if p.requires_grad}
+        classes = set(self.sharding.layer_classes) or set(getattr(root, "_no_split_modules", None) or ())
+        units = [m for m in root.modules() if type(m).__name__ in classes]
+        if not units:
+            raise ValueError(f"no module of class {sorted(classes)} to shard in {type(root).__name__}")
+        for unit in [*units, root]:
+            fully_shard(unit, mesh=mesh, reshard_after_forward=self.sharding.reshard_after_forward,
+                        ignored_params=(trainable & set(unit.parameters())) or None)  # fmt: skip
+        return model
+
+
+def weights_on_rank(model: nn.Module) -> float:
+    """The fraction of `model`'s weights this rank stores: 1.0 unless sharded."""
+    params = list(model.parameters())
+    local = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params)
+    return local / sum(p.numel() for p in params)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole of a possibly sharded tensor (a collective: every rank must ask for the same tensors)."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def _flag(name: str, default: str = "false") -> bool:
+    return os.environ.get(name, default).lower() in ("1", "true")
+
+
+def sharding_from_launch() -> Sharding | None:
+    """The FSDP settings `accelerate launch` left in the environment, or None without --use_fsdp.
+
+    Options the trainer does not implement are refused rather than ignored.
+    """
+    if _flag("ACCELERATE_USE_DEEPSPEED"):
+        raise RuntimeError(
+            "ACCELERATE_USE_DEEPSPEED set: the trainer shards with FSDP, not DeepSpeed; launch with "
+            "`accelerate launch --use_fsdp --fsdp_version 2` (docs/training.md, 'Larger models')"
+        )
+    if not _flag("ACCELERATE_USE_FSDP"):
+        return None
+    refused = {
+        "FSDP_VERSION": ("2", "the trainer shards with FSDP2: add --fsdp_version 2"),
+        "FSDP_AUTO_WRAP_POLICY": ("TRANSFORMER_BASED_WRAP", "only TRANSFORMER_BASED_WRAP is implemented"),
+        "FSDP_OFFLOAD_PARAMS": ("false", "parameter offload is not implemented (the weights are on the CPU)"),
+        "FSDP_ACTIVATION_CHECKPOINTING": ("false", "activation checkpointing is not implemented"),
+        "ACCELERATE_MIXED_PRECISION": ("no", "mixed precision is not implemented: the trainer runs float32"),
+    }
+    for name, (accepted, why) in refused.items():
+        value = os.environ.get(name, accepted)
+        if value.lower() != accepted.lower():
+            raise RuntimeError(f"{name}={value}: {why}")
+    reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").upper()
+    classes = os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "")
+    return Sharding(
+        reshard_after_forward=reshard in ("TRUE", "1", "FULL_SHARD"),
+        layer_classes=tuple(c.strip() for c in classes.split(",") if c.strip()),
+    )
 
 
 def init() -> World:
-    """Join the torchrun process group when there is one.
+    """Join the launcher's process group when there is one.
 
     Each collective goes through the backend of its tensors' device: gloo for CPU tensors (and for object
     collectives), NCCL for CUDA tensors when there is a GPU.
     """
-    sharding = [flag for flag in SHARDING_LAUNCH_FLAGS if os.environ.get(flag, "").lower() in ("1", "true")]
-    if sharding:
-        raise RuntimeError(
-            f"{' and '.join(sharding)} set: this trainer replicates its state across ranks and does not shard "
-            "it yet (docs/training.md, 'Larger models'); launch without --use_fsdp / --use_deepspeed"
-        )
+    sharding = sharding_from_launch()
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size == 1:
-        return World()
+        return World()  # nothing to shard over
     if not dist.is_initialized():
         dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
-    return World(dist.get_rank(), dist.get_world_size())
+    return World(dist.get_rank(), dist.get_world_size(), sharding)
 
 
 def rows_of_rank(n_rows: int, world: World) -> torch.Tensor:

@@ -12,7 +12,8 @@ their log-probabilities are always recomputed here in torch. What is saved is th
 which vLLM loads as it is. The losses are in trainer/ppo_losses.py.
 
 Each step is checkpointed when a checkpoint directory is given (trainer.checkpoint), and the same call
-runs data-parallel under torchrun (trainer.distributed).
+runs data-parallel under torchrun, or with the frozen weights sharded under `accelerate launch --use_fsdp`
+(trainer.distributed).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from transformers import AutoModelForCausalLM
 from trainer import checkpoint
 from trainer.adapters import ATTENTION_PROJECTIONS, lora_config
 from trainer.data import Prompt
-from trainer.distributed import World, gather_rows, rows_of_rank
+from trainer.distributed import World, gather_rows, rows_of_rank, weights_on_rank
 from trainer.distributed import init as init_distributed
 from trainer.ppo_losses import (
     KLController,
@@ -225,15 +226,17 @@ def policy_forward(
 
     All three are [batch, response_len]; the hidden state at position t predicts token t + 1.
     """
-    causal_lm = policy.get_base_model()  # LoRA layers are inside it; disable_adapter() still applies
-    hidden = causal_lm.get_decoder()(
+    response_len = batch.input_ids.shape[1] - batch.query_len
+    out = policy.get_base_model()(  # LoRA layers are inside it; disable_adapter() still applies
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
         position_ids=batch.position_ids,
         use_cache=False,
-    ).last_hidden_state
-    hidden = hidden[:, batch.query_len - 1 : -1]
-    logits = causal_lm.get_output_embeddings()(hidden).float() / temperature
+        output_hidden_states=True,
+        logits_to_keep=response_len + 1,  # no logits over the query
+    )
+    hidden = out.hidden_states[-1][:, batch.query_len - 1 : -1]  # the last layer's, after the final norm
+    logits = out.logits[:, :-1].float() / temperature
     response = batch.input_ids[:, batch.query_len :]
     logprobs = torch.log_softmax(logits, dim=-1).gather(-1, response.unsqueeze(-1)).squeeze(-1)
     return logprobs, value_head(hidden).squeeze(-1), entropy_from_logits(logits)
@@ -282,6 +285,7 @@ def train_ppo(
     tokenizer = load_tokenizer(base_model)
     pad_id = tokenizer.pad_token_id
     reward_model = RewardModel.load(base_model, Path(reward_model_dir))
+    world.fully_shard(reward_model.trunk)
     queries = [prompt_ids(tokenizer, p) for p in prompts]
     ptx = []  # modelled exactly as given: render dialogues with the chat template before passing them
     if ptx_texts and config.ptx_coef > 0:
@@ -291,7 +295,7 @@ def train_ppo(
     resume_from = checkpoint.latest(checkpoint_dir) if checkpoint_dir is not None else None
     if resume_from is not None:
         init_adapter = resume_from / checkpoint.ADAPTER_DIR
-    policy = load_policy(base_model, config, init_adapter, reference_adapter)
+    policy = world.fully_shard(load_policy(base_model, config, init_adapter, reference_adapter))
     policy.eval()  # no dropout anywhere: gradients still flow, and old and new log-probs agree at first
     value_head = copy.deepcopy(reward_model.head).requires_grad_(True)
     params = [p for p in policy.parameters() if p.requires_grad] + list(value_head.parameters())
@@ -379,14 +383,21 @@ def _ppo_step(
     mask = batch.response_mask
     rollout_done = time.monotonic()
 
-    # Score: the reward model reads each (prompt, response) at its last token.
-    texts = [tokenizer.decode(responses[i], skip_special_tokens=True) for i in mine]
-    scores = gather_rows(reward_model.score([prompts[picked[i]] for i in mine], texts), mine, n, world)
+    # Score: the reward model reads each (prompt, response) at its last token. In chunks of at most a
+    # minibatch (bounding the memory of the logits below), as many on every rank (trainer.distributed).
+    chunks = world.chunks(mine, config.minibatch_size, n)
+    local_scores = [
+        reward_model.score(
+            [prompts[picked[i]] for i in c],
+            [tokenizer.decode(responses[i], skip_special_tokens=True) for i in c],
+            batch_size=len(c),
+        )
+        for c in chunks
+    ]
+    scores = gather_rows(torch.cat(local_scores), mine, n, world)
 
-    # Log-probs and values of the policy that sampled (the "old" policy), and the reference log-probs; in
-    # chunks, to bound the memory of the logits.
+    # Log-probs and values of the policy that sampled (the "old" policy), and the reference log-probs.
     with torch.no_grad():
-        chunks = mine.split(config.minibatch_size)
         old = [policy_forward(policy, value_head, batch.rows(c), config.temperature) for c in chunks]
         with reference_policy(policy):
             ref = [policy_forward(policy, value_head, batch.rows(c), config.temperature)[0] for c in chunks]
@@ -461,6 +472,7 @@ def _ppo_step(
         "explained_variance": explained_variance(old_values, returns, mask).item(),
         "response_length": mask.sum(dim=1).float().mean().item(),
         **{name: sum(xs) / len(xs) for name, xs in stats.items()},
+        "weights_on_rank": weights_on_rank(policy),  # below 1 with FSDP: the share of the weights held here
         "tokens_per_s": mask.sum().item() / seconds,
         "rollout_seconds": rollout_done - started,
         "scoring_seconds": scoring_done - rollout_done,

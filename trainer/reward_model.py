@@ -31,6 +31,7 @@ from transformers import AutoModel, PreTrainedTokenizerBase
 from trainer.adapters import ATTENTION_PROJECTIONS, lora_config
 from trainer.data import PointwiseLabel, PreferenceGroup, Prompt, RewardDataset
 from trainer.distributed import init as init_distributed
+from trainer.distributed import weights_on_rank
 from trainer.tokens import load_tokenizer, pad_right, sample_ids
 
 log = logging.getLogger(__name__)
@@ -267,6 +268,7 @@ def train_reward_model(
     started = time.monotonic()
     train, heldout = _split(data, config)
     model = RewardModel.create(Path(base_model), config, init_from).train()
+    world.fully_shard(model.trunk)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     rng = random.Random(config.seed)
@@ -283,10 +285,9 @@ def train_reward_model(
                 sum(isinstance(e, kind) for e in own) / max(1, sum(isinstance(e, kind) for e in batch))
                 for kind in (PreferenceGroup, PointwiseLabel)
             )
-            if own:
-                loss, _ = _batch_loss(model, own, config.pointwise_weight, shares)
-            else:  # a last, short batch can leave a rank without elements: zero gradients, summed all the same
-                loss = 0.0 * sum(p.sum() for p in params)
+            if not own:  # a last, short batch can leave a rank without elements: it runs one weighted zero
+                own, shares = batch[:1], (0.0, 0.0)  # (every rank runs the same forwards: FSDP needs that)
+            loss, _ = _batch_loss(model, own, config.pointwise_weight, shares)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             world.sum_gradients(params)
@@ -304,6 +305,7 @@ def train_reward_model(
         "heldout_groups": float(len(heldout.groups)),
         "heldout_pairs": float(sum(len(g.pairs) for g in heldout.groups)),
         "heldout_pointwise": float(len(heldout.pointwise)),
+        "weights_on_rank": weights_on_rank(model),
         "seconds": time.monotonic() - started,
     }
     if world.is_main:

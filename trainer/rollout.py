@@ -39,6 +39,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from trainer.distributed import full, is_sharded
 from trainer.tokens import pad_left
 
 # Ranks vLLM's LoRA kernels are built for; max_lora_rank must be one of them.
@@ -115,6 +116,7 @@ class HFRollout:
             attention_mask=attention_mask,
             generation_config=greedy,
             logits_processor=LogitsProcessorList([SeededSampler(row_seeds, temperature)]),
+            synced_gpus=is_sharded(self.policy),  # sharded ranks run every step's forward until all are done
         )
         return [end_at_eos(row, self.tokenizer.eos_token_id) for row in out[:, input_ids.shape[1] :].tolist()]
 
@@ -124,10 +126,11 @@ class HFRollout:
 
 def merged_weights(policy: PeftModel) -> dict[str, torch.Tensor]:
     """The base model's weights, named as in its checkpoint, with the policy adapter's update W += B A s
-    added; the policy itself is left as it is (merging in place and back would drift in float32)."""
+    added; the policy itself is left as it is (merging in place and back would drift in float32). Sharded
+    weights are gathered whole: every rank of a sharded policy must call this."""
     model = policy.get_base_model()
     weights = {
-        name.replace(".base_layer.", "."): tensor.detach().clone()  # clones: tied embeddings share memory
+        name.replace(".base_layer.", "."): full(tensor).detach().clone()  # clones: tied embeddings share memory
         for name, tensor in model.state_dict().items()
         if "lora_" not in name
     }

@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM
 from trainer.adapters import ATTENTION_PROJECTIONS, lora_config
 from trainer.data import Demonstration
 from trainer.distributed import init as init_distributed
+from trainer.distributed import weights_on_rank
 from trainer.tokens import load_tokenizer, pad_right, prompt_ids, response_ids
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ def train_sft(
     model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
     torch.manual_seed(config.seed)
     lora = lora_config(config, task_type="CAUSAL_LM")
-    policy = get_peft_model(model, lora).train()
+    policy = world.fully_shard(get_peft_model(model, lora).train())
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     rng = random.Random(config.seed)
@@ -99,12 +100,11 @@ def train_sft(
             own = world.shard(batch)
             answer_tokens = [sum(label != -100 for label in examples[i][1][1:]) for i in batch]
             share = sum(answer_tokens[world.rank :: world.size]) / sum(answer_tokens)
-            if own:
-                ids, mask = pad_right([examples[i][0] for i in own], tokenizer.pad_token_id)
-                labels, _ = pad_right([examples[i][1] for i in own], -100)
-                loss = share * policy(input_ids=ids, attention_mask=mask, labels=labels).loss
-            else:  # a last, short batch can leave a rank without rows: zero gradients, summed all the same
-                loss = 0.0 * sum(p.sum() for p in params)
+            if not own:  # a last, short batch can leave a rank without rows: it runs one weighted zero
+                own, share = batch[:1], 0.0  # (every rank runs the same forwards: FSDP needs that)
+            ids, mask = pad_right([examples[i][0] for i in own], tokenizer.pad_token_id)
+            labels, _ = pad_right([examples[i][1] for i in own], -100)
+            loss = share * policy(input_ids=ids, attention_mask=mask, labels=labels).loss
 
             # Step: gradients summed over the ranks, clipped, applied.
             optimizer.zero_grad(set_to_none=True)
@@ -130,5 +130,6 @@ def train_sft(
         "train_loss": sum(losses) / len(losses),  # mean over the last epoch
         "demonstrations": float(len(demonstrations)),
         "steps": float(step),
+        "weights_on_rank": weights_on_rank(policy),
         "seconds": time.monotonic() - started,
     }
