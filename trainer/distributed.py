@@ -30,6 +30,8 @@ import torch
 import torch.distributed as dist
 from peft import PeftModel
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
 
@@ -102,15 +104,12 @@ class World:
         """
         if self.sharding is None:
             return model
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
         root = model.get_base_model() if isinstance(model, PeftModel) else model
         # Rank 0's weights for all: Accelerate's launcher sets FSDP_CPU_RAM_EFFICIENT_LOADING by default,
         # and transformers then loads the checkpoint on rank 0 only (zeros elsewhere), expecting this.
         for tensor in [*root.parameters(), *root.buffers()]:
             dist.broadcast(tensor.data, src=0)
-        mesh = init_device_mesh("cpu", (self.size,))  # the trainer's models live on the CPU for now
+        mesh = init_device_mesh(training_device().type, (self.size,))
         trainable = {p for p in root.parameters() if p.requires_grad}
         classes = set(self.sharding.layer_classes) or set(getattr(root, "_no_split_modules", None) or ())
         units = [m for m in root.modules() if type(m).__name__ in classes]
@@ -130,14 +129,19 @@ def weights_on_rank(model: nn.Module) -> float:
 
 
 def is_sharded(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
     return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def full(tensor: torch.Tensor) -> torch.Tensor:
     """The whole of a possibly sharded tensor (a collective: every rank must ask for the same tensors)."""
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def training_device() -> torch.device:
+    """Where this process trains: its rank's GPU (LOCAL_RANK under a launcher) if there is one, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
 
 
 def _flag(name: str, default: str = "false") -> bool:
@@ -186,6 +190,8 @@ def init() -> World:
     if size == 1:
         return World()  # nothing to shard over
     if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(training_device())  # NCCL's communicator binds to the current device
         dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     return World(dist.get_rank(), dist.get_world_size(), sharding)
 

@@ -73,15 +73,16 @@ def sample_and_score(
     rollout.refresh(policy)
     responses = rollout.generate(queries, n, config.max_new_tokens, config.temperature,
                                  seeds=list(range(len(queries))))  # fmt: skip
-    batch = pack([q for q in queries for _ in range(n)], responses, tokenizer.pad_token_id)
-    head = torch.nn.Linear(policy.config.hidden_size, 1)  # values are not needed here
+    batch = pack([q for q in queries for _ in range(n)], responses, tokenizer.pad_token_id).to(policy.device)
+    head = torch.nn.Linear(policy.config.hidden_size, 1, device=policy.device)  # values are not needed here
     with torch.no_grad():
         logprobs = policy_forward(policy, head, batch, config.temperature)[0]
         with reference_policy(policy):
             ref_logprobs = policy_forward(policy, head, batch, config.temperature)[0]
     kl = torch.where(batch.response_mask.bool(), logprobs - ref_logprobs, 0.0).sum(dim=1).mean().item()
     texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
-    return PolicySamples(texts, reward_model.score([p for p in prompts for _ in range(n)], texts), kl)
+    rewards = reward_model.score([p for p in prompts for _ in range(n)], texts).cpu()
+    return PolicySamples(texts, rewards, kl)
 
 
 def evaluate_candidate(

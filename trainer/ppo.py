@@ -36,7 +36,7 @@ from transformers import AutoModelForCausalLM
 from trainer import checkpoint
 from trainer.adapters import ATTENTION_PROJECTIONS, lora_config
 from trainer.data import Prompt
-from trainer.distributed import World, gather_rows, rows_of_rank, weights_on_rank
+from trainer.distributed import World, gather_rows, rows_of_rank, training_device, weights_on_rank
 from trainer.distributed import init as init_distributed
 from trainer.ppo_losses import (
     KLController,
@@ -154,6 +154,14 @@ class Rollouts:
             self.input_ids[index], self.attention_mask[index], self.position_ids[index], self.query_len
         )
 
+    def to(self, device: torch.device) -> Rollouts:
+        return Rollouts(
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.position_ids.to(device),
+            self.query_len,
+        )
+
 
 def pack(queries: list[list[int]], responses: list[list[int]], pad_id: int) -> Rollouts:
     query_len, response_len = max(map(len, queries)), max(map(len, responses))
@@ -181,7 +189,7 @@ def load_policy(
     The policy adapter starts from `init_adapter` (e.g. the served version), else from the reference (SFT)
     adapter, else fresh (LoRA's B = 0: the base model itself).
     """
-    model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32).to(training_device())
     start = init_adapter or reference_adapter
     if start is not None:
         policy = PeftModel.from_pretrained(model, start, is_trainable=True)
@@ -244,7 +252,7 @@ def policy_forward(
 
 def lm_loss(policy: PeftModel, seqs: list[list[int]], pad_id: int) -> torch.Tensor:
     """Mean next-token negative log-likelihood of the sequences (the ptx term)."""
-    ids, mask = pad_right(seqs, pad_id)
+    ids, mask = (t.to(policy.device) for t in pad_right(seqs, pad_id))
     return policy(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
 
 
@@ -379,7 +387,7 @@ def _ppo_step(
     responses: list[list[int]] = [[] for _ in range(n)]
     for rank, shard in enumerate(world.gather(local)):
         responses[rank :: world.size] = shard
-    batch = pack([queries[i] for i in picked], responses, pad_id)
+    batch = pack([queries[i] for i in picked], responses, pad_id).to(policy.device)
     mask = batch.response_mask
     rollout_done = time.monotonic()
 

@@ -53,7 +53,7 @@ def kl_penalized_rewards(
     """r_t = -beta * KL_t on every response token, plus the reward model's score on the last one."""
     rewards = torch.where(mask.bool(), -kl_coef * kl, 0.0)
     last = mask.sum(dim=1).long() - 1
-    rows = torch.arange(rewards.shape[0])
+    rows = torch.arange(rewards.shape[0], device=rewards.device)
     rewards[rows, last] += scores
     return rewards
 

@@ -31,7 +31,7 @@ from transformers import AutoModel, PreTrainedTokenizerBase
 from trainer.adapters import ATTENTION_PROJECTIONS, lora_config
 from trainer.data import PointwiseLabel, PreferenceGroup, Prompt, RewardDataset
 from trainer.distributed import init as init_distributed
-from trainer.distributed import weights_on_rank
+from trainer.distributed import training_device, weights_on_rank
 from trainer.tokens import load_tokenizer, pad_right, sample_ids
 
 log = logging.getLogger(__name__)
@@ -116,10 +116,10 @@ class RewardModel(nn.Module):
             model = cls.load(base_model, init_from, trainable=True)
             model.max_length = config.max_length
             return model
-        trunk = AutoModel.from_pretrained(base_model, dtype=torch.float32)
+        trunk = AutoModel.from_pretrained(base_model, dtype=torch.float32).to(training_device())
         lora = lora_config(config)
         torch.manual_seed(config.seed)
-        head = nn.Linear(trunk.config.hidden_size, 1)
+        head = nn.Linear(trunk.config.hidden_size, 1, device=trunk.device)
         nn.init.normal_(head.weight, std=trunk.config.hidden_size**-0.5 * 0.1)  # starts near r = 0
         nn.init.zeros_(head.bias)
         return cls(get_peft_model(trunk, lora), head, load_tokenizer(base_model), config.max_length)
@@ -128,19 +128,21 @@ class RewardModel(nn.Module):
     def load(cls, base_model: Path, rm_dir: Path, trainable: bool = False) -> RewardModel:
         rm_dir = Path(rm_dir)
         meta = json.loads((rm_dir / META_FILE).read_text())
-        trunk = AutoModel.from_pretrained(base_model, dtype=torch.float32)
+        trunk = AutoModel.from_pretrained(base_model, dtype=torch.float32).to(training_device())
         trunk = PeftModel.from_pretrained(trunk, rm_dir / ADAPTER_DIR, is_trainable=trainable)
         weights = load_file(rm_dir / HEAD_FILE)
-        head = nn.Linear(weights["weight"].shape[1], 1)
+        head = nn.Linear(weights["weight"].shape[1], 1, device=trunk.device)
         head.load_state_dict(weights)
         model = cls(trunk, head, load_tokenizer(base_model), meta["config"]["max_length"])
         return model.train(trainable)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """[batch] rewards, read at each row's last real token (rows are right-padded)."""
+        """[batch] rewards, read at each row's last real token (rows are right-padded), on the model's device."""
+        device = self.head.weight.device
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         last = attention_mask.sum(dim=1) - 1
-        return self.head(hidden[torch.arange(hidden.shape[0]), last]).squeeze(-1)
+        return self.head(hidden[torch.arange(hidden.shape[0], device=hidden.device), last]).squeeze(-1)
 
     def encode(self, prompts: list[Prompt], responses: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         seqs = [
@@ -166,7 +168,7 @@ class RewardModel(nn.Module):
         out_dir.mkdir(parents=True, exist_ok=True)
         self.trunk.save_pretrained(out_dir / ADAPTER_DIR)
         save_file(
-            {k: v.detach().contiguous() for k, v in self.head.state_dict().items()}, out_dir / HEAD_FILE
+            {k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}, out_dir / HEAD_FILE
         )
         (out_dir / META_FILE).write_text(json.dumps({"config": asdict(config), "metrics": metrics}, indent=2))
 
@@ -225,9 +227,14 @@ def _batch_loss(
     loss = rewards.new_zeros(())
     if chosen:
         out["chosen"], out["rejected"] = rewards[chosen], rewards[rejected]
-        loss = loss + shares[0] * pairwise_loss(out["chosen"], out["rejected"], torch.tensor(group))
+        loss = loss + shares[0] * pairwise_loss(
+            out["chosen"], out["rejected"], torch.tensor(group, device=rewards.device)
+        )
     if points:
-        out["pointwise"], out["targets"] = rewards[points], torch.tensor(targets, dtype=rewards.dtype)
+        out["pointwise"], out["targets"] = (
+            rewards[points],
+            torch.tensor(targets, dtype=rewards.dtype, device=rewards.device),
+        )
         loss = loss + shares[1] * pointwise_weight * pointwise_loss(out["pointwise"], out["targets"])
     return loss, out
 

@@ -105,6 +105,7 @@ class HFRollout:
         # Row j of prompt i gets seed (seeds[i], j): n > 1 draws n different samples.
         row_seeds = [seed * 1_000_003 + j for seed in seeds for j in range(n)]
         input_ids, attention_mask = pad_left(rows, self.tokenizer.pad_token_id)
+        input_ids, attention_mask = input_ids.to(self.policy.device), attention_mask.to(self.policy.device)
         greedy = GenerationConfig(
             do_sample=False,  # the sampling is SeededSampler's
             max_new_tokens=max_new_tokens,
@@ -129,15 +130,15 @@ def merged_weights(policy: PeftModel) -> dict[str, torch.Tensor]:
     added; the policy itself is left as it is (merging in place and back would drift in float32). Sharded
     weights are gathered whole: every rank of a sharded policy must call this."""
     model = policy.get_base_model()
-    weights = {
-        name.replace(".base_layer.", "."): full(tensor).detach().clone()  # clones: tied embeddings share memory
+    weights = {  # copies on the CPU, where vLLM reads them from: tied weights share memory
+        name.replace(".base_layer.", "."): full(tensor).detach().to("cpu", copy=True)
         for name, tensor in model.state_dict().items()
         if "lora_" not in name
     }
     with torch.no_grad():
         for name, module in model.named_modules():
             if isinstance(module, LoraLayer) and "default" in module.lora_A:
-                weights[f"{name}.weight"] += module.get_delta_weight("default")
+                weights[f"{name}.weight"] += module.get_delta_weight("default").cpu()
     return weights
 
 

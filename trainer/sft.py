@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM
 from trainer.adapters import ATTENTION_PROJECTIONS, lora_config
 from trainer.data import Demonstration
 from trainer.distributed import init as init_distributed
-from trainer.distributed import weights_on_rank
+from trainer.distributed import training_device, weights_on_rank
 from trainer.tokens import load_tokenizer, pad_right, prompt_ids, response_ids
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def train_sft(
     started = time.monotonic()
     tokenizer = load_tokenizer(Path(base_model))
     examples = [encode(tokenizer, d, config.max_length) for d in demonstrations]
-    model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32).to(training_device())
     torch.manual_seed(config.seed)
     lora = lora_config(config, task_type="CAUSAL_LM")
     policy = world.fully_shard(get_peft_model(model, lora).train())
@@ -104,6 +104,7 @@ def train_sft(
                 own, share = batch[:1], 0.0  # (every rank runs the same forwards: FSDP needs that)
             ids, mask = pad_right([examples[i][0] for i in own], tokenizer.pad_token_id)
             labels, _ = pad_right([examples[i][1] for i in own], -100)
+            ids, mask, labels = ids.to(policy.device), mask.to(policy.device), labels.to(policy.device)
             loss = share * policy(input_ids=ids, attention_mask=mask, labels=labels).loss
 
             # Step: gradients summed over the ranks, clipped, applied.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.distributed import Sharding, World, init, sharding_from_launch
+from trainer.distributed import Sharding, World, init, sharding_from_launch, training_device
 
 
 def test_one_process_without_a_launcher(monkeypatch):
@@ -62,3 +62,13 @@ def test_every_rank_gets_as_many_chunks_and_all_its_rows(n_rows, size, chunk):
         assert torch.equal(torch.cat(chunks), rows) and all(0 < len(c) <= chunk for c in chunks)
         counts.add(len(chunks))
     assert len(counts) == 1, counts
+
+
+def test_each_rank_trains_on_its_own_gpu_when_there_are_gpus(monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert training_device() == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert training_device() == torch.device("cuda", 1)
+    monkeypatch.delenv("LOCAL_RANK")
+    assert training_device() == torch.device("cuda", 0)
