@@ -73,7 +73,10 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     stored_at     TEXT NOT NULL,
     PRIMARY KEY (topic, partition, "offset")
 );
-CREATE TABLE IF NOT EXISTS rounds (
+"""
+# Apart from SCHEMA: FeedbackStore._migrate_rounds builds it under another name too.
+ROUNDS_TABLE = """
+CREATE TABLE IF NOT EXISTS {name} (
     round             INTEGER PRIMARY KEY,
     started_at        TEXT NOT NULL,
     finished_at       TEXT NOT NULL,
@@ -167,7 +170,23 @@ class FeedbackStore:
         # FULL: a stored batch must survive power loss, since its Kafka offsets are committed right after.
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(SCHEMA)
+        self._db.executescript(SCHEMA + ROUNDS_TABLE.format(name="rounds"))
+        self._migrate_rounds()
+
+    def _migrate_rounds(self) -> None:
+        """Stores written before the evaluation gate refuse a 'rejected' round (a CHECK constraint, which
+        SQLite cannot alter): rebuild their rounds table under the current definition, rows kept."""
+        (definition,) = self._db.execute("SELECT sql FROM sqlite_master WHERE name = 'rounds'").fetchone()
+        if "'rejected'" in definition:
+            return
+        self._db.execute("PRAGMA foreign_keys=OFF")  # feedback.first_round references rounds
+        self._db.executescript(
+            "BEGIN IMMEDIATE;"
+            + ROUNDS_TABLE.format(name="rounds_new")
+            + "INSERT INTO rounds_new SELECT * FROM rounds; DROP TABLE rounds;"
+            " ALTER TABLE rounds_new RENAME TO rounds; COMMIT;"
+        )
+        self._db.execute("PRAGMA foreign_keys=ON")
 
     def close(self) -> None:
         with self._lock:

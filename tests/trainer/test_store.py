@@ -10,7 +10,15 @@ import pytest
 
 from feedback.events import CompletionChoice, CompletionEvent, FeedbackEvent, Message, SamplingRecord
 from trainer.data import Demonstration, PointwiseLabel, PreferenceGroup, prompt_from_messages
-from trainer.store import DeadLetter, EventBatch, FeedbackStore, RoundRecord, to_training_data
+from trainer.store import (
+    ROUNDS_TABLE,
+    SCHEMA,
+    DeadLetter,
+    EventBatch,
+    FeedbackStore,
+    RoundRecord,
+    to_training_data,
+)
 
 QUESTION = [
     {"role": "system", "content": "Answer briefly."},
@@ -239,3 +247,25 @@ def test_user_prompts_are_distinct_and_most_recent_first(store: FeedbackStore):
     store.save_batch(EventBatch(completions=[COMPLETIONS["c1"], COMPLETIONS["c3"], COMPLETIONS["c2"]]))
     assert store.user_prompts(limit=10) == [PROMPT, OTHER_PROMPT]
     assert store.user_prompts(limit=1) == [PROMPT]
+
+
+def test_a_store_from_before_the_evaluation_gate_accepts_rejected_rounds(tmp_path):
+    path = tmp_path / "old.db"
+    old_rounds = ROUNDS_TABLE.format(name="rounds").replace("'rejected', ", "")
+    with sqlite3.connect(path) as db:
+        db.executescript(SCHEMA + old_rounds)
+        db.execute("INSERT INTO rounds VALUES (1, 't0', 't1', 'published', 'v0', 'v1', 2, 2, 'rm/1', '{}', NULL)")
+        with pytest.raises(sqlite3.IntegrityError):
+            db.execute("INSERT INTO rounds VALUES (2, 't', 't', 'rejected', 'v1', NULL, 2, 0, NULL, '{}', NULL)")
+    store = FeedbackStore(path)
+    store.record_round(
+        RoundRecord(round=2, started_at=datetime.now(UTC), status="rejected", feedback_total=2,
+                    new_feedback_ids=(), reward_model_dir=Path("rm/2"))  # fmt: skip
+    )
+    assert [(r["round"], r["status"], r["version"]) for r in store.rounds()] == [
+        (1, "published", "v1"),
+        (2, "rejected", None),
+    ]
+    assert store.last_reward_model_dir() == Path("rm/2")
+    store.close()
+    FeedbackStore(path).close()  # a migrated store opens as it is
