@@ -6,8 +6,8 @@ Both backends are the trainer's own (trainer.rollout), in one run, on the same m
 (corpus prompts), the same length cap and temperature 1 with the same per-prompt seeds, after a warm-up
 batch; answers stop at end-of-sequence as in training, so the mean answer length of each is printed beside
 samples/s. The model is --model (default var/models/base, `make model`'s small preset) or, when that is
-missing, a tiny one built into var/models/tiny. torch runs on --threads threads (1 by default: on a shared
-CPU a second thread mostly waits); vLLM's CPU worker picks its own.
+missing, a tiny one built into var/models/tiny. Both run on this process's --threads torch threads (1 by
+default: on a shared CPU a second thread mostly waits): on the CPU the trainer's vLLM engine runs in-process.
 
 Then one PPO step per backend (rollout_batch_size = --prompts, the default minibatches and epochs, an
 untrained reward model of the same base: its quality does not change the timings), timed as

@@ -25,7 +25,11 @@ def test_vllm_rollouts_follow_the_adapter_and_drive_ppo(base_model_dir, length_r
     policy = policy_with_random_adapter(base_model_dir)
     hf = HFRollout(tokenizer)
     hf.refresh(policy)
+    set_num_threads = torch.set_num_threads
     vllm = VllmRollout(base_model_dir, lora_rank=8, sync=sync)
+    assert vllm.in_process  # on the CPU without a launcher, the engine runs in this process
+    # vLLM's worker replaces torch.set_num_threads with a no-op; the trainer's process must keep its own.
+    assert torch.set_num_threads is set_num_threads
     try:
         # Greedy answers under the adapter are the ones transformers computes: the adapter is what vLLM runs.
         vllm.refresh(policy)
@@ -36,7 +40,9 @@ def test_vllm_rollouts_follow_the_adapter_and_drive_ppo(base_model_dir, length_r
         assert greedy != base_greedy
 
         # Samples end at end-of-sequence, and a prompt's samples depend on its seed, not on the batch.
+        rng = torch.get_rng_state()
         samples = vllm.generate(queries, 2, 12, 1.0, seeds=list(range(8)))
+        assert torch.equal(torch.get_rng_state(), rng)  # vLLM's sampler drew from its own copy of the RNG
         eos = tokenizer.eos_token_id
         assert len(samples) == 16 and all(s[-1] == eos or len(s) == 12 for s in samples)
         assert all(eos not in s[:-1] for s in samples) and samples[0] != samples[1]
@@ -71,3 +77,4 @@ def test_vllm_rollouts_follow_the_adapter_and_drive_ppo(base_model_dir, length_r
         assert history[1]["kl"] != 0.0  # the policy moved away from the reference
     finally:
         vllm.close()
+    assert not torch.distributed.is_initialized()  # the engine's world of one went with it
