@@ -5,7 +5,8 @@
 Both backends are the trainer's own (trainer.rollout), in one run, on the same model, the same prompts
 (corpus prompts), the same length cap and temperature 1 with the same per-prompt seeds, after a warm-up
 batch; answers stop at end-of-sequence as in training, so the mean answer length of each is printed beside
-samples/s. The model is --model (default var/models/base, `make model`'s small preset) or, when that is
+samples/s. The batches alternate, HF then vLLM, --repeats times, and the ratio is the median of the
+pairs' ratios: on a shared machine the load moves between minutes, and a pair is timed within a second. The model is --model (default var/models/base, `make model`'s small preset) or, when that is
 missing, a tiny one built into var/models/tiny. Both run on this process's --threads torch threads (1 by
 default: on a shared CPU a second thread mostly waits): on the CPU the trainer's vLLM engine runs in-process.
 
@@ -49,21 +50,27 @@ def base_model(requested: Path) -> Path:
     return tiny
 
 
-def time_rollouts(rollout, queries: list[list[int]], max_new_tokens: int, repeats: int) -> dict[str, float]:
+def time_side_by_side(backends: dict, queries: list[list[int]], max_new_tokens: int, repeats: int) -> dict:
+    """Each backend's median batch time, samples/s and answer length, batches alternating between them."""
     seeds = list(range(len(queries)))
-    rollout.generate(queries, 1, max_new_tokens, 1.0, seeds)  # warm-up
-    seconds, tokens = [], []
+    for rollout in backends.values():
+        rollout.generate(queries, 1, max_new_tokens, 1.0, seeds)  # warm-up
+    seconds = {name: [] for name in backends}
+    tokens = {name: [] for name in backends}
     for repeat in range(repeats):
-        started = time.perf_counter()
-        responses = rollout.generate(queries, 1, max_new_tokens, 1.0, [s + repeat for s in seeds])
-        seconds.append(time.perf_counter() - started)
-        tokens.append(sum(map(len, responses)))
-    median = statistics.median(seconds)
+        for name, rollout in backends.items():
+            started = time.perf_counter()
+            responses = rollout.generate(queries, 1, max_new_tokens, 1.0, [s + repeat for s in seeds])
+            seconds[name].append(time.perf_counter() - started)
+            tokens[name].append(sum(map(len, responses)))
     return {
-        "seconds": median,
-        "samples_per_s": len(queries) / median,
-        "tokens_per_s": statistics.mean(tokens) / median,
-        "mean_tokens": statistics.mean(tokens) / len(queries),
+        name: {
+            "seconds": statistics.median(seconds[name]),
+            "samples_per_s": len(queries) / statistics.median(seconds[name]),
+            "mean_tokens": statistics.mean(tokens[name]) / len(queries),
+            "per_repeat": seconds[name],
+        }
+        for name in backends
     }
 
 
@@ -78,7 +85,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=ROOT / "var" / "models" / "base")
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -92,8 +99,7 @@ def main() -> None:
 
     hf = HFRollout(tokenizer)
     hf.refresh(policy)
-    rollouts = {"hf": time_rollouts(hf, queries, args.max_new_tokens, args.repeats)}
-    steps, engine_start = {}, {}
+    pairs, steps, engine_start = {}, {}, {}
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
         RewardModel.create(model, RewardModelConfig()).save(work / "rm", RewardModelConfig(), {})
@@ -105,21 +111,22 @@ def main() -> None:
             engine_start[name] = time.perf_counter() - started
             try:
                 vllm.refresh(policy)
-                rollouts[name] = time_rollouts(vllm, queries, args.max_new_tokens, args.repeats)
+                pairs[name] = time_side_by_side({"hf": hf, name: vllm}, queries, args.max_new_tokens, args.repeats)
                 steps[name] = time_ppo_step(model, vllm, config, prompts, work)
             finally:
                 vllm.close()
 
     print(f"\nmodel {model} ({parameters / 1e6:.2f}M parameters), torch threads {args.threads}")
-    print(f"rollouts: {args.prompts} prompts, up to {args.max_new_tokens} new tokens, temperature 1, "
-          f"median of {args.repeats} after a warm-up")  # fmt: skip
-    print(
-        f"{'backend':<13} {'seconds':>8} {'samples/s':>10} {'tokens/s':>9} {'tokens/answer':>14} {'vs hf':>6}"
-    )
-    for name, r in rollouts.items():
-        ratio = r["samples_per_s"] / rollouts["hf"]["samples_per_s"]
-        print(f"{name:<13} {r['seconds']:>8.3f} {r['samples_per_s']:>10.1f} {r['tokens_per_s']:>9.0f} "
-              f"{r['mean_tokens']:>14.1f} {ratio:>5.1f}x")  # fmt: skip
+    print(f"rollouts: {args.prompts} prompts, up to {args.max_new_tokens} new tokens, temperature 1; "
+          f"{args.repeats} pairs of batches (hf, then vllm) after a warm-up; medians")  # fmt: skip
+    print(f"{'backend':<13} {'hf s':>6} {'vllm s':>7} {'hf samples/s':>13} {'vllm samples/s':>15} "
+          f"{'tokens/answer':>14} {'vs hf':>6} {'pair ratios':>12}")  # fmt: skip
+    for name, timed in pairs.items():
+        hf_run, vllm_run = timed["hf"], timed[name]
+        ratios = [h / v for h, v in zip(hf_run["per_repeat"], vllm_run["per_repeat"], strict=True)]
+        print(f"{name:<13} {hf_run['seconds']:>6.3f} {vllm_run['seconds']:>7.3f} {hf_run['samples_per_s']:>13.1f} "
+              f"{vllm_run['samples_per_s']:>15.1f} {hf_run['mean_tokens']:>6.1f} / {vllm_run['mean_tokens']:<5.1f} "
+              f"{statistics.median(ratios):>5.1f}x {min(ratios):>5.1f}-{max(ratios):.1f}x")  # fmt: skip
     print(
         "goal: vLLM at least 5x; vLLM engine start (once per run): "
         + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in engine_start.items())
