@@ -224,6 +224,10 @@ class VllmRollout:
             path.mkdir()
             save_file(merged_weights(policy), path / "model.safetensors")
             self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(path)})
+            # The prefix cache keeps KV computed by the old weights, keyed by tokens alone: a prompt seen
+            # before would be continued from the old policy's prefix. (LoRA ids are part of the key.)
+            if not self.llm.reset_prefix_cache():
+                raise RuntimeError("vLLM did not reset its prefix cache after the weight reload")
             shutil.rmtree(path)
             return
         policy.save_pretrained(path, selected_adapters=["default"])

@@ -61,6 +61,10 @@ def test_vllm_rollouts_follow_the_adapter_and_drive_ppo(base_model_dir, length_r
                     param.zero_()
         vllm.refresh(policy)
         assert vllm.generate(queries, 1, 24, 0.0, seeds=list(range(8))) == base_greedy
+        # Also for prompts longer than a KV-cache block that the engine saw under the old weights: their
+        # cached prefix must not be reused (vLLM keeps its prefix cache across a weight reload).
+        assert vllm.generate(long[:4], 1, 8, 0.0, seeds=list(range(4))) == hf.generate(long[:4], 1, 8, 0.0,
+                                                                                       seeds=list(range(4)))  # fmt: skip
 
         # PPO with vLLM rollouts: the engine is refreshed before the first rollout and after every update.
         rm_dir, _ = length_rm
