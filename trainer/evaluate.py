@@ -44,7 +44,7 @@ class EvalConfig:
     # of the paired difference. 3 rejects a candidate no better than its parent 0.13% of the time.
     max_reward_drop_se: float = 3.0
     # Reject if the candidate's KL to the reference exceeds this, in nats per answer. The learning tests
-    # stay under 10 at beta 0.2; InstructGPT's beta 0.02 reached 17 on the tiny model, with garbled answers.
+    # stay under 10 at beta 0.3; InstructGPT's beta 0.02 reached 17 on the tiny model, with garbled answers.
     max_kl: float = 20.0
 
 

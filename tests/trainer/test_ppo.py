@@ -96,8 +96,10 @@ def test_hf_rollouts_end_at_eos_and_each_prompt_has_its_own_seed(base_model_dir)
 
 
 # The KL from the trained policy to the reference (the base), in nats per answer, that the learning test
-# allows. Measured on the tiny base, 20 steps at lr 1e-3: InstructGPT's beta = 0.02 reached ~17 nats and
-# garbled answers; beta = 0.2 stays at 4-7 nats (seeds 0-2) with clear gains for both preferences.
+# allows. Measured on the tiny base, 20 steps at lr 1e-3, 384 held-out answers: InstructGPT's beta = 0.02
+# reached ~17 nats and garbled answers; beta = 0.2 reached 10.5 (wording) once rollouts ran on an
+# in-process engine (same seeds, other floating-point sums); beta = 0.3 stays at 2.3 (length) and 7.1
+# (wording), with gains of 4.9 and 13.8 standard errors.
 KL_BOUND = 10.0
 
 
@@ -108,7 +110,7 @@ def test_ppo_raises_the_rate_of_answers_the_hidden_preference_likes(base_model_d
     tokenizer = load_tokenizer(base_model_dir)
     ptx_texts = [tokenizer.apply_chat_template(d, tokenize=False) for d in generate_dialogues(32, seed=5)]
     config = PPOConfig(
-        steps=20, rollout_batch_size=16, minibatch_size=8, max_new_tokens=48, kl_coef=0.2, seed=0
+        steps=20, rollout_batch_size=16, minibatch_size=8, max_new_tokens=48, kl_coef=0.3, seed=0
     )
     history: list[dict] = []
 
@@ -135,11 +137,11 @@ def test_ppo_raises_the_rate_of_answers_the_hidden_preference_likes(base_model_d
     assert set(adapter_config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
     assert all("lora_" in key for key in load_file(tmp_path / "adapter" / "adapter_model.safetensors"))
 
-    # On prompts it never trained on (two answers each): answers satisfy the hidden preference clearly
+    # On prompts it never trained on (four answers each): answers satisfy the hidden preference clearly
     # more often than the base's (by more than three standard errors of the difference), the reward model
     # agrees, and the KL to the reference stays under the bound.
     rm = RewardModel.load(base_model_dir, rm_dir)
-    sampling = EvalConfig(samples_per_prompt=2, max_new_tokens=48)
+    sampling = EvalConfig(samples_per_prompt=4, max_new_tokens=48)
     before, after = (
         sample_and_score(load_policy(base_model_dir, config, init_adapter=adapter).eval(),
                          HFRollout(tokenizer), rm, held_out_prompts, sampling)
