@@ -1,12 +1,16 @@
 """The policy registry: immutable, numbered LoRA adapter versions over one frozen base model.
 
 Layout under the root:
-    versions/000001/   adapter_config.json, adapter_model.safetensors, manifest.json
+    versions/000001/   adapter_config.json, adapter_model.safetensors, manifest.json, [verdict.json]
     staging/           half-written versions; never read
 
 A version directory appears by one atomic rename, so a reader sees a whole version or none, and two
 publishers racing for the same number cannot overwrite each other (the loser takes the next number).
 Version "v0" is the base model itself, with no adapter.
+
+What a version is never changes; what serving found of it does: after its canary, serving writes a
+verdict beside the manifest, "promoted" or "rolled_back". A rolled-back version is never served by
+default again, and the trainer does not train on from it.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from pathlib import Path
 
 BASE_VERSION = "v0"
 MANIFEST = "manifest.json"
+VERDICT = "verdict.json"
+PROMOTED, ROLLED_BACK = "promoted", "rolled_back"
 
 
 def version_name(number: int) -> str:
@@ -40,6 +46,7 @@ class PolicyVersion:
     number: int
     path: Path | None  # None for the base model
     manifest: dict
+    verdict: dict | None = None  # serving's, after the canary: {"verdict": PROMOTED or ROLLED_BACK, ...}
 
     @property
     def name(self) -> str:
@@ -48,6 +55,14 @@ class PolicyVersion:
     @property
     def is_base(self) -> bool:
         return self.number == 0
+
+    @property
+    def promoted(self) -> bool:
+        return self.is_base or (self.verdict or {}).get("verdict") == PROMOTED
+
+    @property
+    def rolled_back(self) -> bool:
+        return (self.verdict or {}).get("verdict") == ROLLED_BACK
 
 
 BASE_POLICY = PolicyVersion(number=0, path=None, manifest={"version": BASE_VERSION})
@@ -109,15 +124,35 @@ class PolicyRegistry:
         manifest_path = path / MANIFEST
         if not manifest_path.is_file():
             raise KeyError(name)
-        return PolicyVersion(number=number, path=path, manifest=json.loads(manifest_path.read_text()))
+        verdict_path = path / VERDICT
+        verdict = json.loads(verdict_path.read_text()) if verdict_path.is_file() else None
+        return PolicyVersion(number=number, path=path, manifest=json.loads(manifest_path.read_text()),
+                             verdict=verdict)
+
+    def record_verdict(self, name: str, verdict: str, reason: str, figures: dict[str, float]) -> PolicyVersion:
+        """Write serving's verdict on version `name` (replacing an earlier one) and return the version."""
+        if verdict not in (PROMOTED, ROLLED_BACK):
+            raise ValueError(f"unknown verdict {verdict!r}")
+        version = self.get(name)
+        if version.is_base:
+            raise ValueError("the base model has no verdict")
+        record = {"verdict": verdict, "reason": reason, "at": datetime.now(UTC).isoformat(), "figures": figures}
+        staged = version.path / f".{VERDICT}.{uuid.uuid4().hex}"
+        staged.write_text(json.dumps(record, indent=2))
+        os.replace(staged, version.path / VERDICT)  # readers see the old verdict or the new one, whole
+        return self.get(name)
 
     def find(self, source: str) -> PolicyVersion | None:
         """The version published from `source`, if any."""
         return next((v for v in reversed(self.list()) if v.manifest.get("source") == source), None)
 
     def latest(self) -> PolicyVersion:
-        number = self._latest_number()
-        return self.get(version_name(number))
+        """The newest version not rolled back (the base model if there is none)."""
+        return next(v for v in reversed(self.list()) if not v.rolled_back)
+
+    def latest_promoted(self) -> PolicyVersion:
+        """The newest version serving promoted (the base model if there is none)."""
+        return next(v for v in reversed(self.list()) if v.promoted)
 
     def list(self) -> list[PolicyVersion]:
         return [BASE_POLICY] + [self.get(version_name(n)) for n in self._numbers()]

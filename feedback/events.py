@@ -1,7 +1,8 @@
 """Pydantic models of every event on the topics.
 
-Serving produces `CompletionEvent` and `FeedbackEvent`, the trainer produces `PolicyEvent`; each side
-parses the other's with these same models. Every event carries `schema_version` so that consumers can
+Serving produces `CompletionEvent` and `FeedbackEvent`; `PolicyEvent` comes from the trainer (a version
+published) and from serving (its canary's verdict on one); each side parses the other's with these same
+models. Every event carries `schema_version` so that consumers can
 refuse what they do not understand instead of misreading it.
 """
 
@@ -156,7 +157,8 @@ class FeedbackEvent(_Model):
 
 
 class PolicyEvent(_Model):
-    """A new policy version in the registry, announced by the trainer."""
+    """A policy version's news: published to the registry by the trainer, or promoted or rolled back by a
+    serving replica's canary (so that every replica follows the verdict)."""
 
     event_type: Literal["policy"] = "policy"
     schema_version: int = SCHEMA_VERSION
@@ -164,4 +166,6 @@ class PolicyEvent(_Model):
     created_at: datetime = Field(default_factory=_now)
     version: str
     base_model: str
+    action: Literal["published", "promoted", "rolled_back"] = "published"
+    reason: str | None = None  # for a verdict: why, in words
     metrics: dict[str, float] = Field(default_factory=dict)

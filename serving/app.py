@@ -24,6 +24,15 @@ from serving.settings import ServingSettings
 log = logging.getLogger(__name__)
 
 
+async def _review_canary(policies: PolicyManager, interval_s: float) -> None:
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await policies.review()
+        except Exception:  # a registry write that failed: the next review tries again
+            log.exception("canary review failed")
+
+
 def build_app(
     settings: ServingSettings,
     make_engine: Callable[[], EngineClient],
@@ -35,12 +44,14 @@ def build_app(
     async def lifespan(app: FastAPI):
         engine = make_engine()
         events = make_events()
-        policies = PolicyManager(engine, PolicyRegistry(settings.registry_dir), settings.served_model_name)
+        policies = PolicyManager(engine, PolicyRegistry(settings.registry_dir), settings.served_model_name,
+                                 settings.canary, events.announce_policy)
         follower = None
         if settings.follow_policy_topic:
             follower = PolicyFollower(settings, policies, asyncio.get_running_loop())
             await asyncio.to_thread(follower.start)
-        await policies.activate_latest()
+        await policies.start()
+        reviews = asyncio.create_task(_review_canary(policies, settings.canary.check_interval_s))
         index = CompletionIndex(settings.completion_index_size)
         app.state.engine, app.state.events, app.state.policies = engine, events, policies
         app.state.completion_index = index
@@ -49,6 +60,7 @@ def build_app(
         try:
             yield
         finally:
+            reviews.cancel()
             if follower:
                 await asyncio.to_thread(follower.stop)
             await asyncio.to_thread(events.close)

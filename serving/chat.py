@@ -83,7 +83,8 @@ class ChatService:
         """Check the request against this server's limits; raise APIError (4xx) on any violation."""
         if request.n > self._max_n:
             raise bad_request(f"n must be at most {self._max_n}", param="n")
-        policy = self._policies.resolve(request.model)
+        user_hash = hash_user(request.user)
+        policy = self._policies.resolve(request.model, user_hash)
         messages = [{"role": m.role, "content": m.text()} for m in request.messages]
         prompt_token_ids = self._engine.render_chat(messages)
         room = self._engine.max_model_len - len(prompt_token_ids)
@@ -117,7 +118,7 @@ class ChatService:
             messages=messages,
             prompt_token_ids=prompt_token_ids,
             options=options,
-            user_hash=hash_user(request.user),
+            user_hash=user_hash,
             ab_policies=ab_policies,
         )
 
@@ -181,12 +182,21 @@ class ChatService:
                     metrics.TIME_TO_FIRST_TOKEN.observe(time.perf_counter() - started)
                     first = False
                 yield update
+        except Exception:
+            self._observe(chat, failed=True)  # evidence for the canary; the error still reaches the client
+            raise
         finally:
             metrics.IN_FLIGHT.dec()
 
+    def _observe(self, chat: PreparedChat, failed: bool) -> None:
+        for name in {p.name for p in chat.ab_policies or [chat.policy]}:
+            self._policies.observe_request(name, failed)
+
     def _finished(self, chat: PreparedChat, transcript: _Transcript) -> None:
         metrics.GENERATED_TOKENS.labels(chat.policy.name).inc(sum(transcript.tokens))
-        self._index.add(chat.completion_id, chat.options.n)
+        self._observe(chat, failed=False)
+        versions = [p.name for p in chat.ab_policies] if chat.ab_policies else [chat.policy.name] * chat.options.n
+        self._index.add(chat.completion_id, versions)
         o = chat.options
         self._events.log_completion(
             CompletionEvent(

@@ -1,8 +1,9 @@
-"""Completions and feedback to Kafka.
+"""Completions, feedback and canary verdicts to Kafka.
 
 Completion events never hold up a response: they go through a bounded buffer to a sender thread (a full
 buffer drops and counts). Feedback is the opposite: the client is told "accepted" only once Kafka has
-acknowledged the event, so an accepted piece of feedback is never lost.
+acknowledged the event, so an accepted piece of feedback is never lost. A canary's verdict goes to the
+policy topic, for the other replicas.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from kafka import KafkaProducer
 
 from common.kafka import ensure_topics, make_producer, wait_for_broker
 from common.settings import SharedSettings
-from feedback import CompletionEvent, FeedbackEvent, referenced_choices
+from feedback import CompletionEvent, FeedbackEvent, PolicyEvent, referenced_choices
 from serving import metrics
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,8 @@ class EventSink(Protocol):
     def log_completion(self, event: CompletionEvent) -> None: ...
 
     async def record_feedback(self, event: FeedbackEvent) -> None: ...
+
+    async def announce_policy(self, event: PolicyEvent) -> None: ...
 
     def close(self) -> None: ...
 
@@ -57,6 +60,10 @@ class KafkaEventLog:
 
     async def record_feedback(self, event: FeedbackEvent) -> None:
         await asyncio.to_thread(self._send_and_wait, event)
+
+    async def announce_policy(self, event: PolicyEvent) -> None:
+        future = self._producer.send(self._settings.policy_topic, key=event.version, value=event)
+        await asyncio.to_thread(future.get, timeout=self._ack_timeout_s)
 
     def close(self) -> None:
         self._buffer.put(_STOP)

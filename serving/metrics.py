@@ -16,6 +16,10 @@ GENERATED_TOKENS = Counter("rlhf_generated_tokens_total", "Completion tokens gen
 POLICY_VERSION = Gauge("rlhf_policy_version_info", "1 for the policy version new requests get, 0 for others.", ["version"])
 POLICY_NUMBER = Gauge("rlhf_policy_version_number", "Number of the version new requests get (0: base).")
 POLICY_SWITCHES = Counter("rlhf_policy_switches_total", "Times the served policy version changed.")
+CANARY_VERSION = Gauge("rlhf_canary_version_number", "Number of the version in canary now (0: none).")
+CANARY_FIGURE = Gauge("rlhf_canary_figure", "The running canary's evidence (requests, failures, ratings, "
+                      "approvals of each arm; fraction; seconds).", ["figure"])
+CANARY_VERDICTS = Counter("rlhf_canary_verdicts_total", "Canaries concluded, by verdict.", ["verdict"])
 FEEDBACK = Counter("rlhf_feedback_total", "Feedback accepted, by type.", ["type"])
 EVENTS_SENT = Counter("rlhf_events_sent_total", "Events acknowledged by Kafka, by topic kind.", ["kind"])
 EVENTS_FAILED = Counter("rlhf_events_failed_total", "Events Kafka did not take (after the client's retries).", ["kind"])

@@ -1,8 +1,10 @@
-"""Which policy version serves new requests, and the hot swap to a new one.
+"""Which policy version serves new requests: the current one, a newer one in canary, the hot swap.
 
 A request resolves its PolicyVersion once, at its start, and keeps it to the end: a swap changes only
 what later requests get. The new adapter is loaded into the engine before the pointer moves, and older
-adapters stay resident, so no request waits for a load or fails during a swap.
+adapters stay resident, so no request waits for a load or fails during a swap. A version the trainer
+publishes first serves a share of the traffic as a canary (serving/canary.py); its verdict, promoted or
+rolled back, goes to the registry and, through the policy topic, to every replica.
 """
 
 from __future__ import annotations
@@ -10,12 +12,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Awaitable, Callable
 
 from common.kafka import ensure_topics, make_consumer
-from common.registry import PolicyRegistry, PolicyVersion, version_number
+from common.registry import PROMOTED, PolicyRegistry, PolicyVersion
 from common.settings import SharedSettings
 from feedback import PolicyEvent
 from serving import metrics
+from serving.canary import CanaryConfig, CanaryTrial, Verdict
 from serving.engine import EngineClient
 
 log = logging.getLogger(__name__)
@@ -30,29 +34,61 @@ class UnknownPolicy(LookupError):
 
 
 class PolicyManager:
-    def __init__(self, engine: EngineClient, registry: PolicyRegistry, served_model_name: str):
+    """The current version, the canary trial of a newer one, and the verdicts that end it.
+
+    Every change of what is served happens under one lock, and a version is loaded into the engine before
+    any request can be routed to it.
+    """
+
+    def __init__(self, engine: EngineClient, registry: PolicyRegistry, served_model_name: str,
+                 canary: CanaryConfig, announce: Callable[[PolicyEvent], Awaitable[None]]):
         self._engine = engine
         self._registry = registry
+        self._canary = canary
+        self._announce = announce
         self.served_model_name = served_model_name
         self.current: PolicyVersion = registry.get("v0")
         self.candidate: PolicyVersion | None = None  # compared against `current` in A/B requests
+        self.trial: CanaryTrial | None = None
         self._lock = asyncio.Lock()
         metrics.POLICY_VERSION.labels(self.current.name).set(1)
 
-    async def activate(self, name: str) -> PolicyVersion:
-        """Load version `name` and make it the one new requests get."""
+    async def start(self) -> None:
+        """At start-up, serve the newest promoted version and put a newer one into canary (without a canary:
+        serve the newest one not rolled back)."""
+        if self._canary.fraction == 0:
+            await self.activate(self._registry.latest().name)
+        else:
+            await self.activate(self._registry.latest_promoted().name)
+            await self.offer(self._registry.latest().name)
+
+    async def offer(self, name: str) -> None:
+        """A newly published version: into canary (superseding an older canary), or with `fraction` 0 to all
+        traffic at once. Versions not newer than what is served or tried, and rolled-back ones, are ignored."""
         async with self._lock:
             policy = self._lookup(name, param="version")
-            if policy.number == self.current.number:
-                return policy
+            newest = max(self.current.number, self.trial.canary.number if self.trial else 0)
+            if policy.number <= newest or policy.rolled_back:
+                return
+            if self._canary.fraction == 0:
+                await self._switch(policy)
+                return
             await self._engine.load_policy(policy)
-            previous, self.current = self.current, policy
-            metrics.POLICY_VERSION.labels(previous.name).set(0)
-            metrics.POLICY_VERSION.labels(policy.name).set(1)
-            metrics.POLICY_NUMBER.set(policy.number)
-            metrics.POLICY_SWITCHES.inc()
-            log.info("serving policy %s (was %s)", policy.name, previous.name)
-            return policy
+            if self.trial:
+                log.info("canary %s superseded by %s without a verdict", self.trial.canary.name, policy.name)
+            self.trial = CanaryTrial(baseline=self.current, canary=policy, config=self._canary)
+            metrics.CANARY_VERSION.set(policy.number)
+            log.info("canary %s takes %.0f%% of the traffic beside %s", policy.name, 100 * self._canary.fraction,
+                     self.current.name)
+
+    async def activate(self, name: str) -> PolicyVersion:
+        """Serve version `name` to all traffic from now on: an operator's rollback or pin. It ends a running
+        canary without a verdict (its comparison no longer holds)."""
+        async with self._lock:
+            policy = self._lookup(name, param="version")
+            if policy.number != self.current.number:
+                self._end_trial()
+            return await self._switch(policy)
 
     async def set_candidate(self, name: str | None) -> None:
         """Load version `name` as the A/B challenger of the current one (None: no candidate)."""
@@ -64,19 +100,69 @@ class PolicyManager:
             await self._engine.load_policy(policy)
             self.candidate = policy
 
-    async def activate_latest(self) -> PolicyVersion:
-        return await self.activate(self._registry.latest().name)
+    async def review(self) -> None:
+        """Weigh the canary's evidence; conclude the trial when it is enough either way."""
+        if self.trial is not None:
+            for name, value in self.trial.figures().items():
+                metrics.CANARY_FIGURE.labels(name).set(value)
+            if (verdict := self.trial.verdict()) is not None:
+                await self.conclude(verdict)
 
-    def resolve(self, model: str | None) -> PolicyVersion:
-        """The version a request's `model` field asks for: the served name (current version), or
-        `<name>@<version>` to pin one. Raises UnknownPolicy."""
+    async def conclude(self, verdict: Verdict) -> None:
+        """Record the verdict on the canary in the registry, apply it here, and announce it to the other
+        replicas. A failed announcement is logged: the registry has the verdict for every later start."""
+        async with self._lock:
+            trial = self.trial
+            if trial is None:
+                return
+            figures = trial.figures()
+            await asyncio.to_thread(self._registry.record_verdict, trial.canary.name, verdict.verdict,
+                                    verdict.reason, figures)
+            self._end_trial()
+            if verdict.verdict == PROMOTED:
+                await self._switch(trial.canary)
+            metrics.CANARY_VERDICTS.labels(verdict.verdict).inc()
+            log.warning("canary %s %s: %s", trial.canary.name, verdict.verdict.replace("_", " "), verdict.reason)
+        event = PolicyEvent(version=trial.canary.name, base_model=trial.canary.manifest.get("base_model", ""),
+                            action=verdict.verdict, reason=verdict.reason, metrics=figures)
+        try:
+            await self._announce(event)
+        except Exception:
+            log.exception("could not announce the verdict on %s", trial.canary.name)
+
+    async def follow(self, event: PolicyEvent) -> None:
+        """Apply an announcement: a new version from the trainer, or another replica's verdict."""
+        if event.action == "published":
+            await self.offer(event.version)
+            return
+        async with self._lock:
+            if self.trial is not None and self.trial.canary.name == event.version:
+                self._end_trial()
+                if event.action == PROMOTED:
+                    await self._switch(self._lookup(event.version, param="version"))
+
+    def resolve(self, model: str | None, user_hash: str | None = None) -> PolicyVersion:
+        """The version a request's `model` field asks for: the served name (the current version, or the
+        canary for its share of the requests), or `<name>@<version>` to pin one. Raises UnknownPolicy."""
         if model is None or model == self.served_model_name:
-            return self.current
+            trial = self.trial
+            return trial.canary if trial is not None and trial.takes(user_hash) else self.current
         name, _, version = model.partition("@")
         if name != self.served_model_name or not version:
             raise UnknownPolicy(f"model {model!r} does not exist; this server serves {self.served_model_name!r}",
                                 param="model")
         return self._lookup(version, param="model")
+
+    def observe_request(self, version: str, failed: bool) -> None:
+        if self.trial is not None:
+            self.trial.observe_request(version, failed)
+
+    def observe_rating(self, version: str, approved: bool) -> None:
+        if self.trial is not None:
+            self.trial.observe_rating(version, approved)
+
+    def versions(self) -> list[PolicyVersion]:
+        return self._registry.list()
 
     def _lookup(self, name: str, param: str) -> PolicyVersion:
         try:
@@ -84,16 +170,30 @@ class PolicyManager:
         except (KeyError, ValueError):
             raise UnknownPolicy(f"policy version {name!r} does not exist", param=param) from None
 
-    def versions(self) -> list[PolicyVersion]:
-        return self._registry.list()
+    async def _switch(self, policy: PolicyVersion) -> PolicyVersion:
+        if policy.number == self.current.number:
+            return policy
+        await self._engine.load_policy(policy)
+        previous, self.current = self.current, policy
+        metrics.POLICY_VERSION.labels(previous.name).set(0)
+        metrics.POLICY_VERSION.labels(policy.name).set(1)
+        metrics.POLICY_NUMBER.set(policy.number)
+        metrics.POLICY_SWITCHES.inc()
+        log.info("serving policy %s (was %s)", policy.name, previous.name)
+        return policy
+
+    def _end_trial(self) -> None:
+        self.trial = None
+        metrics.CANARY_VERSION.set(0)
+        metrics.CANARY_FIGURE.clear()
 
 
 class PolicyFollower:
-    """Follows the policy topic on its own thread and activates each newer announced version.
+    """Follows the policy topic on its own thread: new versions, and verdicts on canaries.
 
     Every serving replica must see every announcement, so it reads without a consumer group, from the end
     of the topic. It is started before the registry is read at start-up: a version published in between is
-    both in the registry and on the topic, and activating it twice is a no-op.
+    both in the registry and on the topic, and offering it twice is a no-op.
     """
 
     def __init__(self, settings: SharedSettings, manager: PolicyManager, loop: asyncio.AbstractEventLoop):
@@ -125,9 +225,7 @@ class PolicyFollower:
     def _handle(self, raw: str) -> None:
         try:
             event = PolicyEvent.model_validate_json(raw)
-            if version_number(event.version) <= self._manager.current.number:
-                return
-            future = asyncio.run_coroutine_threadsafe(self._manager.activate(event.version), self._loop)
+            future = asyncio.run_coroutine_threadsafe(self._manager.follow(event), self._loop)
             future.result(timeout=120)
         except Exception:
-            log.exception("could not switch to the announced policy: %s", raw[:500])
+            log.exception("could not apply the policy announcement: %s", raw[:500])

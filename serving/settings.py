@@ -4,10 +4,12 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from common.settings import SharedSettings
+from serving.canary import CanaryConfig
 
 
 class ServingSettings(SharedSettings):
-    model_config = SettingsConfigDict(env_prefix="SERVING_", extra="ignore", validate_by_name=True)
+    model_config = SettingsConfigDict(env_prefix="SERVING_", extra="ignore", validate_by_name=True,
+                                      env_nested_delimiter="__")
 
     host: str = Field("127.0.0.1", description="Interface to listen on (0.0.0.0 in a container).")
     port: int = Field(8000, description="HTTP port.")
@@ -36,4 +38,7 @@ class ServingSettings(SharedSettings):
     admin_key: str | None = Field(
         None, description="Bearer key for endpoints that change the served policy; unset: as open as the API."
     )
-    follow_policy_topic: bool = Field(True, description="Switch to each new version announced by the trainer.")
+    follow_policy_topic: bool = Field(True, description="Take up each new version announced by the trainer.")
+    canary: CanaryConfig = Field(
+        default_factory=CanaryConfig, description="How a new version earns all of the traffic "
+        "(SERVING_CANARY__FRACTION=0.2 and so on; serving/canary.py).")

@@ -101,6 +101,12 @@ def serving(kafka_settings, base_model_dir, tmp_path_factory) -> Service:
         "RLHF_REGISTRY_DIR": str(tmp_path_factory.mktemp("registry")),
         "SERVING_PORT": str(port),
         "SERVING_MAX_MODEL_LEN": "256",
+        # A canary short enough for a test: half the traffic, promoted after 10 requests without ratings.
+        "SERVING_CANARY__FRACTION": "0.5",
+        "SERVING_CANARY__MIN_REQUESTS": "10",
+        "SERVING_CANARY__MIN_SECONDS": "0",
+        "SERVING_CANARY__MIN_RATINGS": "0",
+        "SERVING_CANARY__CHECK_INTERVAL_S": "0.5",
     }
     process, log_path = start_logged_service("serving", ["serving"], env)
     url = f"http://127.0.0.1:{port}"

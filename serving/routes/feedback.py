@@ -2,7 +2,8 @@ from fastapi import APIRouter
 
 from feedback import FeedbackEvent, referenced_choices
 from serving import metrics
-from serving.deps import CompletionIndexDep, EventsDep
+from serving.canary import approval
+from serving.deps import CompletionIndexDep, EventsDep, PoliciesDep
 from serving.errors import APIError, bad_request, not_found
 from serving.event_log import EventLogUnavailable
 from serving.protocol import ErrorResponse, FeedbackAccepted, FeedbackRequest
@@ -14,23 +15,27 @@ ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 503)}
 
 @router.post("/v1/feedback", status_code=202, response_model=FeedbackAccepted, responses=ERRORS)
 async def create_feedback(
-    body: FeedbackRequest, index: CompletionIndexDep, events: EventsDep
+    body: FeedbackRequest, index: CompletionIndexDep, events: EventsDep, policies: PoliciesDep
 ) -> FeedbackAccepted:
     """Thumbs, 1-7 ratings, corrections, pairwise choices or rankings about answers this server gave.
     Answered once Kafka has the event: 202 means it will reach the trainer."""
     feedback = body.root
+    authors = []
     for ref in referenced_choices(feedback):
-        choices = index.choices(ref.completion_id)
-        if choices is None:
+        versions = index.versions(ref.completion_id)
+        if versions is None:
             raise not_found(f"no completion {ref.completion_id!r} was served here (or it is too old)",
                             param="completion_id")
-        if ref.choice_index >= choices:
-            raise bad_request(f"completion {ref.completion_id!r} has {choices} choice(s); "
+        if ref.choice_index >= len(versions):
+            raise bad_request(f"completion {ref.completion_id!r} has {len(versions)} choice(s); "
                               f"choice_index {ref.choice_index} does not exist", param="choice_index")
+        authors.append(versions[ref.choice_index])
     event = FeedbackEvent(feedback=feedback)
     try:
         await events.record_feedback(event)
     except EventLogUnavailable:
         raise APIError(503, "feedback could not be stored right now; retry", type="service_unavailable") from None
     metrics.FEEDBACK.labels(feedback.type).inc()
+    if (approved := approval(feedback)) is not None:
+        policies.observe_rating(authors[0], approved)
     return FeedbackAccepted(id=event.event_id)

@@ -53,3 +53,22 @@ def test_publishing_again_from_one_source_returns_the_first_version(tmp_path, ad
 def test_version_names_are_v_and_a_number(name):
     with pytest.raises(ValueError):
         version_number(name)
+
+
+def test_verdicts_steer_latest_and_latest_promoted(tmp_path, adapter):
+    registry = PolicyRegistry(tmp_path / "registry")
+    publish(registry, adapter), publish(registry, adapter), publish(registry, adapter)
+    assert (registry.latest().name, registry.latest_promoted().name) == ("v3", "v0")
+    registry.record_verdict("v1", "promoted", "good", {"canary_requests": 200.0})
+    registry.record_verdict("v3", "rolled_back", "approval fell", {})
+    again = PolicyRegistry(tmp_path / "registry")
+    assert (again.latest().name, again.latest_promoted().name) == ("v2", "v1")
+    v3 = again.get("v3")
+    assert v3.rolled_back and not v3.promoted and v3.verdict["reason"] == "approval fell"
+    assert v3.manifest["version"] == "v3"  # the version itself is unchanged
+    assert again.get("v1").verdict["figures"] == {"canary_requests": 200.0}
+    assert [v.name for v in again.list()] == ["v0", "v1", "v2", "v3"]
+    with pytest.raises(ValueError):
+        registry.record_verdict("v0", "rolled_back", "no", {})
+    with pytest.raises(ValueError):
+        registry.record_verdict("v2", "maybe", "no", {})

@@ -1,8 +1,8 @@
 """The whole loop through public interfaces only, on the real broker and the real vLLM engine:
 
 chat (official openai client) -> thumbs (/v1/feedback) -> Kafka -> trainer (reward model, PPO) ->
-registry + policy topic -> serving hot-swaps -> responses report the new version, and no request fails
-while it switches.
+registry + policy topic -> serving puts the new version into canary, then promotes it -> responses report
+the new version, and no request fails while it switches.
 """
 
 from __future__ import annotations
@@ -91,20 +91,29 @@ def test_feedback_trains_a_new_policy_that_serving_switches_to(serving, tmp_path
             assert trainer.poll() is None, f"trainer exited:\n{trainer_log.read_text()[-3000:]}"
             assert time.monotonic() < deadline, f"no new version in time:\n{trainer_log.read_text()[-3000:]}"
             time.sleep(1)
-        switched_at = len(traffic.versions)
-        while len(traffic.versions) < switched_at + 10:  # keep going a little past the switch
+        # 4. v1 serves half the traffic as a canary until serving promotes it (10 requests, see conftest).
+        while (policy := httpx.get(f"{serving.url}/v1/admin/policy").json())["current"] != "v1":
+            assert policy["canary"] and policy["canary"]["version"] == "v1", policy
+            assert time.monotonic() < deadline, f"canary not promoted in time: {policy}"
+            time.sleep(0.2)
+        promoted_at = len(traffic.versions)
+        while len(traffic.versions) < promoted_at + 11:  # keep going a little past the promotion
             time.sleep(0.2)
     finally:
         traffic.stop.set()
         traffic.join(timeout=60)
         stop_service(trainer)
 
-    # 4. The version changed, only forward, and nothing failed on the way.
+    # 5. The version changed, only forward, and nothing failed on the way.
     seen = traffic.versions
     first_new = seen.index("v1")
-    assert set(seen[:first_new]) == {"v0"} and set(seen[first_new:]) == {"v1"}, Counter(seen)
+    in_canary = Counter(seen[first_new:promoted_at])
+    # The one request in flight when the promotion was seen may have started on v0; all later ones are v1.
+    assert set(seen[:first_new]) == {"v0"} and set(seen[promoted_at + 1:]) == {"v1"}, Counter(seen)
+    assert in_canary["v1"] >= 5 and policy["rolled_back"] == [], (in_canary, policy)
     assert traffic.failures == [], traffic.failures[:5]
     models = {m.id for m in client.models.list().data}
     assert f"{MODEL}@v1" in models
-    print(f"feedback sent: {feedback_sent}; requests during the switch: {len(seen)} "
-          f"({first_new} on v0, {len(seen) - first_new} on v1), failures: {len(traffic.failures)}")
+    print(f"feedback sent: {feedback_sent}; requests: {len(seen)} ({first_new} on v0 before v1 came, "
+          f"{dict(in_canary)} during its canary, {len(seen) - promoted_at} after its promotion), "
+          f"failures: {len(traffic.failures)}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from common.registry import PolicyVersion
-from feedback import CompletionEvent, FeedbackEvent
+from feedback import CompletionEvent, FeedbackEvent, PolicyEvent
 from serving.engine import ChoiceDelta, GenerationUpdate, SamplingOptions, TokenLogprob
 from serving.event_log import EventLogUnavailable
 
@@ -18,6 +18,7 @@ class FakeEngine:
         self.loaded: list[str] = []
         self.aborted: list[str] = []
         self.word_delay_s = 0.0
+        self.failing_versions: set[str] = set()  # generation raises for these, as a broken adapter would
 
     def render_chat(self, messages: list[dict[str, str]]) -> list[int]:
         words = " ".join(f"{m['role']}: {m['content']}" for m in messages).split()
@@ -25,6 +26,8 @@ class FakeEngine:
 
     async def generate(self, prompt_token_ids: list[int], options: SamplingOptions, request_id: str,
                        policy: PolicyVersion):
+        if policy.name in self.failing_versions:
+            raise RuntimeError(f"engine failure on {policy.name}")
         words = [f"[{policy.name}]"] + [f"w{i}" for i in range(1, options.max_tokens + 1)]
         try:
             for step in range(options.max_tokens):
@@ -63,6 +66,7 @@ class MemoryEventSink:
     def __init__(self):
         self.completions: list[CompletionEvent] = []
         self.feedback: list[FeedbackEvent] = []
+        self.announced: list[PolicyEvent] = []
         self.available = True
 
     def log_completion(self, event: CompletionEvent) -> None:
@@ -72,6 +76,9 @@ class MemoryEventSink:
         if not self.available:
             raise EventLogUnavailable("broker down")
         self.feedback.append(event)
+
+    async def announce_policy(self, event: PolicyEvent) -> None:
+        self.announced.append(event)
 
     def close(self) -> None:
         pass

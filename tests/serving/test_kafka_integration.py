@@ -10,6 +10,7 @@ import pytest
 from common.kafka import make_consumer, make_producer
 from common.registry import PolicyRegistry
 from feedback import CompletionEvent, FeedbackEvent, PolicyEvent, parse_feedback
+from serving.canary import CanaryConfig, Verdict
 from serving.event_log import KafkaEventLog
 from serving.policy import PolicyFollower, PolicyManager
 from tests.serving.fakes import FakeEngine
@@ -56,12 +57,12 @@ def test_completions_and_feedback_reach_their_topics(kafka_settings):
     assert FeedbackEvent.model_validate_json(feedback_record.value) == feedback
 
 
-def test_follower_switches_to_announced_versions_only_forward(kafka_settings, tmp_path):
+def test_without_a_canary_the_follower_switches_to_announced_versions_only_forward(kafka_settings, tmp_path):
     registry = PolicyRegistry(tmp_path / "registry")
     engine = FakeEngine()
 
     async def scenario() -> list[str]:
-        manager = PolicyManager(engine, registry, "m")
+        manager = PolicyManager(engine, registry, "m", CanaryConfig(fraction=0), announce=None)
         follower = PolicyFollower(kafka_settings, manager, asyncio.get_running_loop())
         await asyncio.to_thread(follower.start)
         producer = make_producer(kafka_settings)
@@ -85,3 +86,45 @@ def test_follower_switches_to_announced_versions_only_forward(kafka_settings, tm
 
     assert asyncio.run(scenario()) == ["v2"]
     assert engine.loaded == ["v2"]
+
+
+def test_one_replicas_verdict_reaches_the_others(kafka_settings, tmp_path):
+    """Two replicas put a published version into canary; one rolls it back and announces it on the policy
+    topic; the other drops it too. Then the same for a promotion."""
+    registry = PolicyRegistry(tmp_path / "registry")
+    canary = CanaryConfig(fraction=0.5)
+
+    async def wait_for(condition) -> bool:
+        for _ in range(200):
+            if condition():
+                return True
+            await asyncio.sleep(0.05)
+        return False
+
+    async def scenario() -> None:
+        log = KafkaEventLog(kafka_settings, queue_size=10, ack_timeout_s=10)
+        replicas = [PolicyManager(FakeEngine(), registry, "m", canary, log.announce_policy) for _ in range(2)]
+        followers = [PolicyFollower(kafka_settings, r, asyncio.get_running_loop()) for r in replicas]
+        for follower in followers:
+            await asyncio.to_thread(follower.start)
+        producer = make_producer(kafka_settings)
+        try:
+            for version, verdict in (("v1", "rolled_back"), ("v2", "promoted")):
+                publish_fake_adapter(registry, tmp_path)
+                producer.send(kafka_settings.policy_topic, key=version,
+                              value=PolicyEvent(version=version, base_model="base")).get(10)
+                assert await wait_for(lambda v=version: all(r.trial and r.trial.canary.name == v for r in replicas))
+                await replicas[0].conclude(Verdict(verdict, "test"))
+                assert await wait_for(lambda: replicas[1].trial is None), f"{version}: replica 2 kept its canary"
+            assert [r.current.name for r in replicas] == ["v2", "v2"]
+        finally:
+            for follower in followers:
+                await asyncio.to_thread(follower.stop)
+            producer.close()
+            log.close()
+
+    asyncio.run(scenario())
+    assert registry.get("v1").rolled_back and registry.get("v2").promoted
+    events = [PolicyEvent.model_validate_json(r.value) for r in read_topic(kafka_settings, kafka_settings.policy_topic, 4)]
+    assert [(e.version, e.action) for e in events] == [
+        ("v1", "published"), ("v1", "rolled_back"), ("v2", "published"), ("v2", "promoted")]

@@ -188,6 +188,13 @@ def test_rounds_publish_versions_that_build_on_each_other(settings, store, produ
     ]
     assert announced[0].metrics == v1.manifest["metrics"]
 
+    # Serving's canary rolls v2 back: the next round trains on from v1, not from the rolled-back version.
+    registry.record_verdict("v2", "rolled_back", "approval fell", figures={})
+    store.save_batch(EventBatch(feedback=[feedback(type="thumbs", rating="up", **ref("c3", 0))]))
+    third = loop.run_round()
+    assert (third.status, third.version, third.parent_version) == ("published", "v3", "v1")
+    assert fakes.ppo_calls[2]["init_adapter"] == v1.path
+
 
 def test_a_failed_round_publishes_nothing_and_keeps_its_feedback_new(settings, store, producer):
     store.save_batch(
