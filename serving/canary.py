@@ -3,13 +3,26 @@ evidence promotes it to all of it, or rolls it back.
 
 The two arms run side by side over the same window, so a change in traffic or in users' mood affects
 both alike. Evidence, per arm: the requests served and how many failed, and the answers users rated
-(thumbs, and 1-7 ratings: 5 and up approves, 3 and down disapproves, 4 says nothing). The canary is
-rolled back as soon as its failure rate exceeds the baseline's by `max_failure_rate_excess` (after at
-least `min_failures` failures), or its approval rate is below the baseline's by more than `rollback_z`
-standard errors (two-proportion z-test, pooled; each arm with at least `min_ratings` ratings). It is
-promoted once it has served `min_requests` requests for `min_seconds`, with `min_ratings` ratings on
-each arm, or without them after `max_seconds`: the trainer's evaluation gate has already tested it
-offline, and no feedback is no evidence against it.
+(thumbs, and 1-7 ratings: 5 and up approves, 3 and down disapproves, 4 says nothing).
+
+Serving weighs the evidence every second, so a fixed-sample test would be peeked at thousands of times:
+judged after each of 1,000 ratings a side, a z-test at 2.33 (1% for one look) rolled back 32 of 300
+simulated canaries as good as their baseline (tests/serving/test_canary.py). Approval is judged instead
+by a mixture sequential probability ratio test (mSPRT; Johari et al., "Always valid inference", 2017):
+under "no difference" its likelihood ratio exceeds 1/alpha with probability at most alpha however often
+it is looked at (2 of the same 300 at alpha 1%; a canary at 50% approval against 70% was caught in all
+of 100, after a median of 127 ratings a side). The difference of approval rates is approximately normal
+with variance V (pooled); mixing the alternative over differences N(0, tau^2) gives
+
+    Lambda = sqrt(V / (V + tau^2)) * exp(diff^2 * tau^2 / (2 V (V + tau^2)))
+
+The canary is rolled back as soon as its approval is below the baseline's with Lambda >= 1 / alpha, or
+its failure rate exceeds the baseline's by `max_failure_rate_excess` (after at least `min_failures`
+failures). It is promoted once it has served `min_requests` requests for `min_seconds`, with
+`min_ratings` ratings on each arm and an approval rate no more than `promotion_margin` below the
+baseline's. Short of ratings, it is promoted after `max_seconds` (the trainer's evaluation gate has
+already tested it offline, and no feedback is no evidence against it) unless its approval is still
+below that margin then: not proven worse, but the baseline is the version known to be good.
 """
 
 from __future__ import annotations
@@ -33,11 +46,16 @@ class CanaryConfig(BaseModel):
                             "canary gets; 0: no canary, each new version gets all of the traffic at once.")
     min_requests: int = Field(200, ge=0, description="Requests the canary serves before it can be promoted.")
     min_seconds: float = Field(600, ge=0, description="Shortest canary, in seconds.")
-    min_ratings: int = Field(50, ge=0, description="Rated answers each arm needs before approval decides.")
+    min_ratings: int = Field(50, ge=0, description="Rated answers each arm needs for a promotion before "
+                             "`max_seconds`.")
     max_seconds: float = Field(3600, ge=0, description="After this, a canary short of ratings with nothing "
                                "against it is promoted.")
-    rollback_z: float = Field(2.33, gt=0, description="Roll back when the canary's approval rate is this many "
-                              "standard errors below the baseline's (2.33: one-sided 1% for equal versions).")
+    rollback_alpha: float = Field(0.01, gt=0, lt=1, description="Bound on the chance of rolling back a canary "
+                                  "users like as much as the baseline, however long it runs.")
+    effect_scale: float = Field(0.2, gt=0, le=1, description="tau: the size of approval differences the test "
+                                "is tuned to (the mixture's spread).")
+    promotion_margin: float = Field(0.05, ge=0, le=1, description="No promotion while the canary's approval "
+                                    "rate is more than this below the baseline's.")
     min_failures: int = Field(3, ge=1, description="Failed canary requests before failures can roll it back.")
     max_failure_rate_excess: float = Field(0.05, ge=0, le=1, description="Roll back when the canary's failure "
                                            "rate exceeds the baseline's by more than this.")
@@ -75,11 +93,15 @@ def approval(feedback: Feedback) -> bool | None:
     return None
 
 
-def approval_z(canary: ArmStats, baseline: ArmStats) -> float:
-    """(canary's approval rate - baseline's) / its standard error under "no difference" (pooled)."""
+def approval_evidence(canary: ArmStats, baseline: ArmStats, tau: float) -> tuple[float, float]:
+    """(canary's approval rate - baseline's, mSPRT likelihood ratio of "they differ" to "they do not")."""
+    difference = canary.approval_rate - baseline.approval_rate
     pooled = (canary.approvals + baseline.approvals) / (canary.ratings + baseline.ratings)
-    se = math.sqrt(pooled * (1 - pooled) * (1 / canary.ratings + 1 / baseline.ratings))
-    return (canary.approval_rate - baseline.approval_rate) / se if se > 0 else 0.0
+    variance = pooled * (1 - pooled) * (1 / canary.ratings + 1 / baseline.ratings)
+    if variance == 0:  # every rating the same on both arms: no evidence of a difference
+        return difference, 1.0
+    mixed = variance + tau**2
+    return difference, math.sqrt(variance / mixed) * math.exp(difference**2 * tau**2 / (2 * variance * mixed))
 
 
 @dataclass
@@ -117,18 +139,23 @@ class CanaryTrial:
         if c.failures >= cfg.min_failures and c.failure_rate - b.failure_rate > cfg.max_failure_rate_excess:
             return Verdict(ROLLED_BACK, f"{c.failures} of {c.requests} requests failed "
                                         f"(baseline {b.failures} of {b.requests})")
-        rated = min(c.ratings, b.ratings) >= max(cfg.min_ratings, 1)
-        if rated and (z := approval_z(c, b)) < -cfg.rollback_z:
-            return Verdict(ROLLED_BACK, f"approval {c.approvals}/{c.ratings} against the baseline's "
-                                        f"{b.approvals}/{b.ratings} (z = {z:.2f})")
+        difference = 0.0
+        if min(c.ratings, b.ratings) > 0:
+            difference, ratio = approval_evidence(c, b, cfg.effect_scale)
+            if difference < 0 and ratio >= 1 / cfg.rollback_alpha:
+                return Verdict(ROLLED_BACK, f"approval {c.approvals}/{c.ratings} against the baseline's "
+                                            f"{b.approvals}/{b.ratings} (likelihood ratio {ratio:.0f})")
         elapsed = (time.monotonic() if now is None else now) - self.started_at
-        if c.requests >= cfg.min_requests and elapsed >= cfg.min_seconds:
-            if min(c.ratings, b.ratings) >= cfg.min_ratings:
-                return Verdict(PROMOTED, f"{c.requests} requests, approval {c.approvals}/{c.ratings} "
-                                         f"against the baseline's {b.approvals}/{b.ratings}")
-            if elapsed >= cfg.max_seconds:
-                return Verdict(PROMOTED, f"{c.requests} requests in {elapsed:.0f} s, too few ratings to judge "
-                                         f"({c.ratings} and {b.ratings}), none against it")
+        if c.requests < cfg.min_requests or elapsed < cfg.min_seconds:
+            return None
+        approvals = f"approval {c.approvals}/{c.ratings} against the baseline's {b.approvals}/{b.ratings}"
+        leaning_worse = difference < -cfg.promotion_margin
+        if min(c.ratings, b.ratings) >= cfg.min_ratings and not leaning_worse:
+            return Verdict(PROMOTED, f"{c.requests} requests, {approvals}")
+        if elapsed >= cfg.max_seconds:
+            if leaning_worse:  # not proven worse, but the baseline is the one known to be good
+                return Verdict(ROLLED_BACK, f"still {approvals} after {elapsed:.0f} s")
+            return Verdict(PROMOTED, f"{c.requests} requests in {elapsed:.0f} s, nothing against it ({approvals})")
         return None
 
     def figures(self) -> dict[str, float]:

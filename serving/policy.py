@@ -102,18 +102,19 @@ class PolicyManager:
 
     async def review(self) -> None:
         """Weigh the canary's evidence; conclude the trial when it is enough either way."""
-        if self.trial is not None:
-            for name, value in self.trial.figures().items():
+        if (trial := self.trial) is not None:
+            for name, value in trial.figures().items():
                 metrics.CANARY_FIGURE.labels(name).set(value)
-            if (verdict := self.trial.verdict()) is not None:
-                await self.conclude(verdict)
+            if (verdict := trial.verdict()) is not None:
+                await self.conclude(verdict, of=trial)
 
-    async def conclude(self, verdict: Verdict) -> None:
-        """Record the verdict on the canary in the registry, apply it here, and announce it to the other
-        replicas. A failed announcement is logged: the registry has the verdict for every later start."""
+    async def conclude(self, verdict: Verdict, of: CanaryTrial | None = None) -> None:
+        """Record the verdict on the running canary (if it is still trial `of`) in the registry, apply it
+        here, and announce it to the other replicas. A failed announcement is logged: the registry has the
+        verdict for every later start."""
         async with self._lock:
             trial = self.trial
-            if trial is None:
+            if trial is None or (of is not None and trial is not of):
                 return
             figures = trial.figures()
             await asyncio.to_thread(self._registry.record_verdict, trial.canary.name, verdict.verdict,

@@ -4,6 +4,7 @@ ratings and on failures, promotion, operator verdicts, verdicts surviving a rest
 from __future__ import annotations
 
 import math
+import random
 import uuid
 from collections import Counter
 
@@ -13,7 +14,7 @@ from fastapi.testclient import TestClient
 from common.registry import BASE_POLICY, PROMOTED, ROLLED_BACK, PolicyRegistry, PolicyVersion
 from feedback import parse_feedback
 from serving.app import build_app
-from serving.canary import ArmStats, CanaryConfig, CanaryTrial, approval, approval_z
+from serving.canary import ArmStats, CanaryConfig, CanaryTrial, Verdict, approval, approval_evidence
 from serving.settings import ServingSettings
 from tests.serving.test_policy import publish_fake_adapter
 
@@ -42,30 +43,79 @@ def test_approval_of_each_kind_of_feedback():
     assert approval(parse_feedback({"type": "correction", "text": "better", **ref})) is None
 
 
-def test_approval_z_by_hand():
-    # 10/40 against 30/40: pooled p = 0.5, se = sqrt(0.25 * (1/40 + 1/40)) = 0.1118, z = -0.5 / 0.1118.
-    z = approval_z(ArmStats(ratings=40, approvals=10), ArmStats(ratings=40, approvals=30))
-    assert z == pytest.approx(-4.4721, abs=1e-4)
-    # 18/20 against 36/40: equal rates.
-    assert approval_z(ArmStats(ratings=20, approvals=18), ArmStats(ratings=40, approvals=36)) == 0.0
+def test_approval_evidence_by_hand():
+    # 10/40 against 30/40: pooled p = 0.5, V = 0.25 * (1/40 + 1/40) = 0.0125, diff = -0.5, tau^2 = 0.04:
+    # sqrt(0.0125 / 0.0525) = 0.48795; exp(0.25 * 0.04 / (2 * 0.0125 * 0.0525)) = exp(7.6190) = 2036.6.
+    difference, ratio = approval_evidence(ArmStats(ratings=40, approvals=10), ArmStats(ratings=40, approvals=30),
+                                          tau=0.2)
+    assert difference == -0.5 and ratio == pytest.approx(993.77, abs=0.01)
+    # Equal rates: the ratio is sqrt(V / (V + tau^2)) < 1, evidence for "no difference".
+    _, equal = approval_evidence(ArmStats(ratings=20, approvals=18), ArmStats(ratings=40, approvals=36), tau=0.2)
+    # Pooled p = 0.9, V = 0.09 * (1/20 + 1/40) = 0.00675.
+    assert equal == pytest.approx(math.sqrt(0.00675 / 0.04675), abs=1e-9)
     # All approve on both sides: no variance, no evidence.
-    assert approval_z(ArmStats(ratings=5, approvals=5), ArmStats(ratings=9, approvals=9)) == 0.0
+    assert approval_evidence(ArmStats(ratings=5, approvals=5), ArmStats(ratings=9, approvals=9), tau=0.2) == (0, 1)
 
 
-def test_rollback_on_approval_needs_enough_ratings_and_a_clear_gap():
+def test_rollback_on_approval_needs_a_likelihood_ratio_of_one_over_alpha():
     t = trial()
-    feed(t, "v1", requests=30, ups=2, downs=7)  # 9 ratings: under min_ratings
-    feed(t, "v0", requests=30, ups=9, downs=1)
+    feed(t, "v1", requests=40, ups=15, downs=25)
+    feed(t, "v0", requests=40, ups=28, downs=12)
+    # 15/40 against 28/40: ratio 12.5, under 1 / 0.01; 32 points below, so no promotion either.
+    assert t.verdict(now=t.started_at + 3000) is None
+    feed(t, "v0", ups=2)
+    feed(t, "v1", downs=5)  # 15/45 against 30/42: ratio 63.7
     assert t.verdict() is None
-    feed(t, "v1", ups=0, downs=1)
+    feed(t, "v0", ups=2)
+    feed(t, "v1", downs=5)  # 15/50 against 32/44: ratio 390
     verdict = t.verdict()
-    # 2/10 against 9/10: pooled 0.55, se = sqrt(0.2475 * 0.2) = 0.2225, z = -0.7 / 0.2225 = -3.15.
-    assert verdict.verdict == ROLLED_BACK and "z = -3.15" in verdict.reason
-    # A smaller gap with the same ratings is within noise at 2.33: 5/10 against 9/10 gives z = -2.06.
-    close = trial()
-    feed(close, "v1", requests=10, ups=5, downs=5)
-    feed(close, "v0", requests=10, ups=9, downs=1)
-    assert close.verdict() is None
+    assert verdict.verdict == ROLLED_BACK and "15/50" in verdict.reason and "ratio 390" in verdict.reason
+    # The canary doing better is never a reason to roll it back.
+    better = trial(min_requests=1000)
+    feed(better, "v1", requests=40, ups=30, downs=10)
+    feed(better, "v0", requests=40, ups=10, downs=30)
+    assert better.verdict() is None
+
+
+def run_canaries(canary_rate: float, trials: int, ratings: int, rolled_back, seed: int = 0) -> list[int]:
+    """Canaries whose arms get one rating each in turn, judged after every one; the rating count at which
+    each was rolled back (an empty list: none was)."""
+    rng, rolled = random.Random(seed), []
+    for _ in range(trials):
+        t = trial(min_requests=10**9)
+        for n in range(1, ratings + 1):
+            t.observe_rating("v1", rng.random() < canary_rate)
+            t.observe_rating("v0", rng.random() < 0.7)
+            if rolled_back(t):
+                rolled.append(n)
+                break
+    return rolled
+
+
+def test_weighing_after_every_rating_keeps_false_rollbacks_under_alpha():
+    """A canary as good as its baseline (approval 0.7 both), 1,000 ratings a side, judged after each."""
+    trials = 300
+    ours = run_canaries(0.7, trials, 1000, lambda t: t.verdict() is not None)
+
+    def fixed_z_test(t: CanaryTrial) -> bool:  # what a one-look test at the 1% level does when peeked at
+        c, b = t.arms["canary"], t.arms["baseline"]
+        if min(c.ratings, b.ratings) < 50:
+            return False
+        pooled = (c.approvals + b.approvals) / (c.ratings + b.ratings)
+        se = math.sqrt(pooled * (1 - pooled) * (1 / c.ratings + 1 / b.ratings))
+        return se > 0 and (c.approval_rate - b.approval_rate) / se < -2.33
+
+    naive = run_canaries(0.7, trials, 1000, fixed_z_test)
+    print(f"false rollbacks of {trials}: mSPRT {len(ours)}, fixed z-test peeked at {len(naive)}")
+    assert len(ours) / trials <= 0.02  # alpha = 0.01; measured 0.7% in a 2,000-rating simulation
+    assert len(naive) > 2 * max(len(ours), 1)
+
+
+def test_a_worse_canary_is_caught():
+    caught = run_canaries(0.5, 100, 1000, lambda t: t.verdict() is not None, seed=1)
+    caught.sort()
+    print(f"0.5 against 0.7 approval: rolled back {len(caught)} of 100, median after {caught[50]} ratings a side")
+    assert len(caught) == 100 and caught[50] < 400  # measured 135 in simulation
 
 
 def test_rollback_on_failures_beyond_the_baselines():
@@ -94,7 +144,14 @@ def test_promotion_needs_requests_time_and_ratings_or_the_longest_wait():
     feed(unrated, "v1", requests=50, ups=3)
     feed(unrated, "v0", requests=50, ups=3)
     assert unrated.verdict(now=unrated.started_at + 599) is None
-    assert "too few ratings" in unrated.verdict(now=unrated.started_at + 601).reason
+    assert unrated.verdict(now=unrated.started_at + 601) == Verdict(
+        PROMOTED, "50 requests in 601 s, nothing against it (approval 3/3 against the baseline's 3/3)")
+    # Short of ratings and leaning worse when time is up: the baseline stays.
+    leaning = trial(min_seconds=60, max_seconds=600)
+    feed(leaning, "v1", requests=50, ups=1, downs=2)
+    feed(leaning, "v0", requests=50, ups=3)
+    assert leaning.verdict(now=leaning.started_at + 599) is None
+    assert leaning.verdict(now=leaning.started_at + 601).verdict == ROLLED_BACK
 
 
 def test_evidence_about_other_versions_is_ignored():
@@ -161,11 +218,11 @@ def test_a_published_version_takes_its_share_and_ratings_roll_it_back(app_client
         client.portal.call(client.app.state.policies.offer, "v1")
         assert engine.loaded == ["v1"]
         served = Counter()
-        for _ in range(40):
+        for _ in range(80):
             version, completion_id = chat(client)
             served[version] += 1
             thumbs(client, completion_id, "up" if version == "v0" else "down")  # users dislike v1
-            if served["v0"] >= 10 and served["v1"] >= 10:
+            if served["v0"] >= 15 and served["v1"] >= 15:  # 0/15 against 15/15: likelihood ratio 2400
                 break
         # Fraction 0.5: both arms served; the canary is still on (reviews run only when called).
         state = client.get("/v1/admin/policy").json()
