@@ -69,6 +69,7 @@ def test_reward_model_learns_each_hidden_preference(base_model_dir, preference_r
     assert metrics["train_pairs"] + metrics["heldout_pairs"] == sum(
         len(g.pairs) for g in preference.feedback(seed=1).groups
     )
+    print(figures)
 
 
 def test_saved_reward_model_reloads_and_continues(base_model_dir, length_rm, tmp_path):
