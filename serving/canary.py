@@ -20,9 +20,10 @@ The canary is rolled back as soon as its approval is below the baseline's with L
 its failure rate exceeds the baseline's by `max_failure_rate_excess` (after at least `min_failures`
 failures). It is promoted once it has served `min_requests` requests for `min_seconds`, with
 `min_ratings` ratings on each arm and an approval rate no more than `promotion_margin` below the
-baseline's. Short of ratings, it is promoted after `max_seconds` (the trainer's evaluation gate has
-already tested it offline, and no feedback is no evidence against it) unless its approval is still
-below that margin then: not proven worse, but the baseline is the version known to be good.
+baseline's. Short of requests or ratings, it is promoted after `max_seconds` (the trainer's evaluation
+gate has already tested it offline, and no feedback is no evidence against it; a quiet deployment must
+not keep its canaries forever) unless its approval is still below that margin then: not proven worse,
+but the baseline is the version known to be good.
 """
 
 from __future__ import annotations
@@ -48,8 +49,8 @@ class CanaryConfig(BaseModel):
     min_seconds: float = Field(600, ge=0, description="Shortest canary, in seconds.")
     min_ratings: int = Field(50, ge=0, description="Rated answers each arm needs for a promotion before "
                              "`max_seconds`.")
-    max_seconds: float = Field(3600, ge=0, description="After this, a canary short of ratings with nothing "
-                               "against it is promoted.")
+    max_seconds: float = Field(3600, ge=0, description="After this, a canary short of requests or ratings "
+                               "with nothing against it is promoted.")
     rollback_alpha: float = Field(0.01, gt=0, lt=1, description="Bound on the chance of rolling back a canary "
                                   "users like as much as the baseline, however long it runs.")
     effect_scale: float = Field(0.2, gt=0, le=1, description="tau: the size of approval differences the test "
@@ -146,13 +147,12 @@ class CanaryTrial:
                 return Verdict(ROLLED_BACK, f"approval {c.approvals}/{c.ratings} against the baseline's "
                                             f"{b.approvals}/{b.ratings} (likelihood ratio {ratio:.0f})")
         elapsed = (time.monotonic() if now is None else now) - self.started_at
-        if c.requests < cfg.min_requests or elapsed < cfg.min_seconds:
-            return None
         approvals = f"approval {c.approvals}/{c.ratings} against the baseline's {b.approvals}/{b.ratings}"
         leaning_worse = difference < -cfg.promotion_margin
-        if min(c.ratings, b.ratings) >= cfg.min_ratings and not leaning_worse:
+        enough = c.requests >= cfg.min_requests and min(c.ratings, b.ratings) >= cfg.min_ratings
+        if enough and elapsed >= cfg.min_seconds and not leaning_worse:
             return Verdict(PROMOTED, f"{c.requests} requests, {approvals}")
-        if elapsed >= cfg.max_seconds:
+        if elapsed >= cfg.max_seconds:  # short of traffic or ratings: decide on what there is
             if leaning_worse:  # not proven worse, but the baseline is the one known to be good
                 return Verdict(ROLLED_BACK, f"still {approvals} after {elapsed:.0f} s")
             return Verdict(PROMOTED, f"{c.requests} requests in {elapsed:.0f} s, nothing against it ({approvals})")

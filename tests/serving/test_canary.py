@@ -146,6 +146,11 @@ def test_promotion_needs_requests_time_and_ratings_or_the_longest_wait():
     assert unrated.verdict(now=unrated.started_at + 599) is None
     assert unrated.verdict(now=unrated.started_at + 601) == Verdict(
         PROMOTED, "50 requests in 601 s, nothing against it (approval 3/3 against the baseline's 3/3)")
+    # A quiet deployment: 5 requests in the longest wait, no ratings, nothing against it.
+    quiet = trial(min_seconds=60, max_seconds=600)
+    feed(quiet, "v1", requests=5)
+    assert quiet.verdict(now=quiet.started_at + 599) is None
+    assert quiet.verdict(now=quiet.started_at + 601).verdict == PROMOTED
     # Short of ratings and leaning worse when time is up: the baseline stays.
     leaning = trial(min_seconds=60, max_seconds=600)
     feed(leaning, "v1", requests=50, ups=1, downs=2)
