@@ -3,27 +3,34 @@ evidence promotes it to all of it, or rolls it back.
 
 The two arms run side by side over the same window, so a change in traffic or in users' mood affects
 both alike. Evidence, per arm: the requests served and how many failed, and the answers users rated
-(thumbs, and 1-7 ratings: 5 and up approves, 3 and down disapproves, 4 says nothing).
+(thumbs, and 1-7 ratings: 5 and up approves, 3 and down disapproves, 4 says nothing). And head to head:
+while a canary runs (and no A/B candidate is set), A/B requests compare it with the baseline, and a
+pairwise choice between the two is direct evidence of which users prefer.
 
 Serving weighs the evidence every second, so a fixed-sample test would be peeked at thousands of times:
-judged after each of 1,000 ratings a side, a z-test at 2.33 (1% for one look) rolled back 32 of 300
+judged after each of 1,000 ratings a side, a z-test at 2.33 (1% for one look) rolled back 27 of 300
 simulated canaries as good as their baseline (tests/serving/test_canary.py). Approval is judged instead
 by a mixture sequential probability ratio test (mSPRT; Johari et al., "Always valid inference", 2017):
 under "no difference" its likelihood ratio exceeds 1/alpha with probability at most alpha however often
-it is looked at (2 of the same 300 at alpha 1%; a canary at 50% approval against 70% was caught in all
-of 100, after a median of 127 ratings a side). The difference of approval rates is approximately normal
-with variance V (pooled); mixing the alternative over differences N(0, tau^2) gives
+it is looked at. The difference of approval rates is approximately normal with variance V (pooled);
+mixing the alternative over differences N(0, tau^2) gives
 
     Lambda = sqrt(V / (V + tau^2)) * exp(diff^2 * tau^2 / (2 V (V + tau^2)))
 
-The canary is rolled back as soon as its approval is below the baseline's with Lambda >= 1 / alpha, or
-its failure rate exceeds the baseline's by `max_failure_rate_excess` (after at least `min_failures`
-failures). It is promoted once it has served `min_requests` requests for `min_seconds`, with
-`min_ratings` ratings on each arm and an approval rate no more than `promotion_margin` below the
-baseline's. Short of requests or ratings, it is promoted after `max_seconds` (the trainer's evaluation
-gate has already tested it offline, and no feedback is no evidence against it; a quiet deployment must
-not keep its canaries forever) unless its approval is still below that margin then: not proven worse,
-but the baseline is the version known to be good.
+The same test, on the canary's share of the direct comparisons against 1/2 (V = 1 / (4 n)), judges
+those. Each of the two tests runs at alpha / 2, so together they stay within alpha. In the same
+simulations at alpha 1%: none of 300 equal canaries was rolled back on ratings, none of 300 on
+comparisons; all of 100 canaries at 50% approval against 70% were, after a median of 145 ratings a side,
+and all of 100 preferred in 35% of the comparisons, after a median of 146.
+
+The canary is rolled back as soon as either test finds it worse (Lambda >= 2 / alpha), or its failure
+rate exceeds the baseline's by `max_failure_rate_excess` (after at least `min_failures` failures). It is
+promoted once it has served `min_requests` requests for `min_seconds`, with `min_ratings` ratings on
+each arm (or as many comparisons), neither its approval rate nor its share of the comparisons more than
+`promotion_margin` below the baseline's. Short of requests or ratings, it is promoted after
+`max_seconds` (the trainer's evaluation gate has already tested it offline, and no feedback is no
+evidence against it; a quiet deployment must not keep its canaries forever) unless it is still below
+that margin then: not proven worse, but the baseline is the version known to be good.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from dataclasses import asdict, dataclass, field
 from pydantic import BaseModel, ConfigDict, Field
 
 from common.registry import PROMOTED, ROLLED_BACK, PolicyVersion
-from feedback import Feedback, RatingFeedback, ThumbsFeedback
+from feedback import Feedback, PairwiseFeedback, RatingFeedback, ThumbsFeedback
 
 
 class CanaryConfig(BaseModel):
@@ -79,6 +86,14 @@ class ArmStats:
         return self.approvals / self.ratings if self.ratings else 0.0
 
 
+@dataclass
+class HeadToHead:
+    """Pairwise choices between a canary answer and a baseline answer to the same prompt (A/B); ties skip."""
+
+    comparisons: int = 0
+    canary_wins: int = 0
+
+
 @dataclass(frozen=True)
 class Verdict:
     verdict: str  # PROMOTED or ROLLED_BACK
@@ -94,15 +109,36 @@ def approval(feedback: Feedback) -> bool | None:
     return None
 
 
+def preferred_first(feedback: Feedback) -> tuple[int, int] | None:
+    """For a pairwise choice, the positions (in `referenced_choices` order) of the preferred answer and the
+    other; None for a tie and for other kinds. Rankings are left out: their K-choose-2 pairs are not
+    independent observations."""
+    if isinstance(feedback, PairwiseFeedback) and feedback.preference != "tie":
+        return (0, 1) if feedback.preference == "a" else (1, 0)
+    return None
+
+
+def mixture_ratio(difference: float, variance: float, tau: float) -> float:
+    """mSPRT likelihood ratio of "the difference is not 0" (mixed over N(0, tau^2)) to "it is 0", for an
+    estimate `difference` with `variance` under "it is 0"."""
+    if variance == 0:  # every observation the same: no evidence of a difference
+        return 1.0
+    mixed = variance + tau**2
+    return math.sqrt(variance / mixed) * math.exp(difference**2 * tau**2 / (2 * variance * mixed))
+
+
 def approval_evidence(canary: ArmStats, baseline: ArmStats, tau: float) -> tuple[float, float]:
-    """(canary's approval rate - baseline's, mSPRT likelihood ratio of "they differ" to "they do not")."""
+    """(canary's approval rate - baseline's, likelihood ratio of "they differ" to "they do not")."""
     difference = canary.approval_rate - baseline.approval_rate
     pooled = (canary.approvals + baseline.approvals) / (canary.ratings + baseline.ratings)
     variance = pooled * (1 - pooled) * (1 / canary.ratings + 1 / baseline.ratings)
-    if variance == 0:  # every rating the same on both arms: no evidence of a difference
-        return difference, 1.0
-    mixed = variance + tau**2
-    return difference, math.sqrt(variance / mixed) * math.exp(difference**2 * tau**2 / (2 * variance * mixed))
+    return difference, mixture_ratio(difference, variance, tau)
+
+
+def preference_evidence(h2h: HeadToHead, tau: float) -> tuple[float, float]:
+    """(canary's win rate in direct comparisons - 1/2, likelihood ratio of "one is preferred" to "neither")."""
+    difference = h2h.canary_wins / h2h.comparisons - 0.5
+    return difference, mixture_ratio(difference, 0.25 / h2h.comparisons, tau)
 
 
 @dataclass
@@ -112,6 +148,7 @@ class CanaryTrial:
     config: CanaryConfig
     started_at: float = field(default_factory=time.monotonic)
     arms: dict[str, ArmStats] = field(default_factory=lambda: {"baseline": ArmStats(), "canary": ArmStats()})
+    head_to_head: HeadToHead = field(default_factory=HeadToHead)
 
     def takes(self, user_hash: str | None) -> bool:
         """Whether a request goes to the canary. A known user stays on one arm for the whole trial."""
@@ -134,28 +171,42 @@ class CanaryTrial:
             arm.ratings += 1
             arm.approvals += approved
 
+    def observe_choice(self, preferred: str, other: str) -> None:
+        if {preferred, other} == {self.baseline.name, self.canary.name}:
+            self.head_to_head.comparisons += 1
+            self.head_to_head.canary_wins += preferred == self.canary.name
+
     def verdict(self, now: float | None = None) -> Verdict | None:
         """Roll back, promote, or (None) keep watching."""
         c, b, cfg = self.arms["canary"], self.arms["baseline"], self.config
         if c.failures >= cfg.min_failures and c.failure_rate - b.failure_rate > cfg.max_failure_rate_excess:
             return Verdict(ROLLED_BACK, f"{c.failures} of {c.requests} requests failed "
                                         f"(baseline {b.failures} of {b.requests})")
-        difference = 0.0
+        # Two tests, one on ratings and one on direct comparisons, each at alpha / 2: together they roll
+        # back a canary as good as its baseline with probability at most alpha.
+        threshold = 2 / cfg.rollback_alpha
+        h = self.head_to_head
+        evidence = f"approval {c.approvals}/{c.ratings} against the baseline's {b.approvals}/{b.ratings}"
+        if h.comparisons:
+            evidence += f", preferred in {h.canary_wins} of {h.comparisons} direct comparisons"
+        approval_gap = preference_gap = 0.0
         if min(c.ratings, b.ratings) > 0:
-            difference, ratio = approval_evidence(c, b, cfg.effect_scale)
-            if difference < 0 and ratio >= 1 / cfg.rollback_alpha:
-                return Verdict(ROLLED_BACK, f"approval {c.approvals}/{c.ratings} against the baseline's "
-                                            f"{b.approvals}/{b.ratings} (likelihood ratio {ratio:.0f})")
+            approval_gap, ratio = approval_evidence(c, b, cfg.effect_scale)
+            if approval_gap < 0 and ratio >= threshold:
+                return Verdict(ROLLED_BACK, f"{evidence} (ratings: likelihood ratio {ratio:.0f})")
+        if h.comparisons > 0:
+            preference_gap, ratio = preference_evidence(h, cfg.effect_scale)
+            if preference_gap < 0 and ratio >= threshold:
+                return Verdict(ROLLED_BACK, f"{evidence} (comparisons: likelihood ratio {ratio:.0f})")
         elapsed = (time.monotonic() if now is None else now) - self.started_at
-        approvals = f"approval {c.approvals}/{c.ratings} against the baseline's {b.approvals}/{b.ratings}"
-        leaning_worse = difference < -cfg.promotion_margin
-        enough = c.requests >= cfg.min_requests and min(c.ratings, b.ratings) >= cfg.min_ratings
-        if enough and elapsed >= cfg.min_seconds and not leaning_worse:
-            return Verdict(PROMOTED, f"{c.requests} requests, {approvals}")
+        leaning_worse = min(approval_gap, preference_gap) < -cfg.promotion_margin
+        rated = min(c.ratings, b.ratings) >= cfg.min_ratings or h.comparisons >= cfg.min_ratings
+        if c.requests >= cfg.min_requests and rated and elapsed >= cfg.min_seconds and not leaning_worse:
+            return Verdict(PROMOTED, f"{c.requests} requests, {evidence}")
         if elapsed >= cfg.max_seconds:  # short of traffic or ratings: decide on what there is
             if leaning_worse:  # not proven worse, but the baseline is the one known to be good
-                return Verdict(ROLLED_BACK, f"still {approvals} after {elapsed:.0f} s")
-            return Verdict(PROMOTED, f"{c.requests} requests in {elapsed:.0f} s, nothing against it ({approvals})")
+                return Verdict(ROLLED_BACK, f"still {evidence} after {elapsed:.0f} s")
+            return Verdict(PROMOTED, f"{c.requests} requests in {elapsed:.0f} s, nothing against it ({evidence})")
         return None
 
     def figures(self) -> dict[str, float]:
@@ -164,4 +215,4 @@ class CanaryTrial:
                                  "seconds": time.monotonic() - self.started_at}
         for arm, stats in self.arms.items():
             out.update({f"{arm}_{name}": value for name, value in asdict(stats).items()})
-        return out
+        return out | asdict(self.head_to_head)

@@ -97,7 +97,7 @@ class ChatService:
             )
         ab_policies = None
         if request.ab:
-            ab_policies = [policy, self._policies.candidate or policy]
+            ab_policies = self._policies.ab_pair(policy)
             random.shuffle(ab_policies)  # no position bias: "A" is not always the current version
         options = SamplingOptions(
             max_tokens=max_tokens or room,

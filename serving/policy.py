@@ -154,6 +154,20 @@ class PolicyManager:
                                 param="model")
         return self._lookup(version, param="model")
 
+    def ab_pair(self, policy: PolicyVersion) -> list[PolicyVersion]:
+        """The versions an A/B request for `policy` compares: it and the candidate; without a candidate, the
+        baseline and the canary while one runs (head-to-head evidence for its trial); else `policy` twice."""
+        if self.candidate is not None:
+            return [policy, self.candidate]
+        trial = self.trial
+        if trial is not None and policy.number in (trial.baseline.number, trial.canary.number):
+            return [trial.baseline, trial.canary]
+        return [policy, policy]
+
+    def observe_choice(self, preferred: str, other: str) -> None:
+        if self.trial is not None:
+            self.trial.observe_choice(preferred, other)
+
     def observe_request(self, version: str, failed: bool) -> None:
         if self.trial is not None:
             self.trial.observe_request(version, failed)

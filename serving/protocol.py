@@ -69,8 +69,9 @@ class ChatCompletionRequest(BaseModel):
     user: str | None = Field(None, max_length=256)
     ab: bool = Field(
         False,
-        description="Extension: two answers side by side, from the current version and the candidate (two "
-        "samples of the current one when no candidate is set), in random order; each choice names its version.",
+        description="Extension: two answers side by side, from the current version and the candidate (without "
+        "a candidate: the canary while one runs, else two samples of the current version), in random order; "
+        "each choice names its version.",
     )
 
     @field_validator("stop", mode="before")

@@ -2,7 +2,7 @@ from fastapi import APIRouter
 
 from feedback import FeedbackEvent, referenced_choices
 from serving import metrics
-from serving.canary import approval
+from serving.canary import approval, preferred_first
 from serving.deps import CompletionIndexDep, EventsDep, PoliciesDep
 from serving.errors import APIError, bad_request, not_found
 from serving.event_log import EventLogUnavailable
@@ -38,4 +38,6 @@ async def create_feedback(
     metrics.FEEDBACK.labels(feedback.type).inc()
     if (approved := approval(feedback)) is not None:
         policies.observe_rating(authors[0], approved)
+    if (order := preferred_first(feedback)) is not None:
+        policies.observe_choice(authors[order[0]], authors[order[1]])
     return FeedbackAccepted(id=event.event_id)

@@ -14,7 +14,17 @@ from fastapi.testclient import TestClient
 from common.registry import BASE_POLICY, PROMOTED, ROLLED_BACK, PolicyRegistry, PolicyVersion
 from feedback import parse_feedback
 from serving.app import build_app
-from serving.canary import ArmStats, CanaryConfig, CanaryTrial, Verdict, approval, approval_evidence
+from serving.canary import (
+    ArmStats,
+    CanaryConfig,
+    CanaryTrial,
+    HeadToHead,
+    Verdict,
+    approval,
+    approval_evidence,
+    preference_evidence,
+    preferred_first,
+)
 from serving.settings import ServingSettings
 from tests.serving.test_policy import publish_fake_adapter
 
@@ -80,8 +90,9 @@ def test_rollback_on_approval_needs_a_likelihood_ratio_of_one_over_alpha():
 def run_canaries(canary_rate: float, trials: int, ratings: int, rolled_back, seed: int = 0) -> list[int]:
     """Canaries whose arms get one rating each in turn, judged after every one; the rating count at which
     each was rolled back (an empty list: none was)."""
-    rng, rolled = random.Random(seed), []
-    for _ in range(trials):
+    rolled = []
+    for i in range(trials):
+        rng = random.Random(f"{seed}/{i}")  # a trial's ratings do not depend on when the one before it ended
         t = trial(min_requests=10**9)
         for n in range(1, ratings + 1):
             t.observe_rating("v1", rng.random() < canary_rate)
@@ -111,11 +122,50 @@ def test_weighing_after_every_rating_keeps_false_rollbacks_under_alpha():
     assert len(naive) > 2 * max(len(ours), 1)
 
 
+def test_comparisons_weighed_after_each_one_stay_under_alpha_and_catch_a_less_preferred_canary():
+    def run(canary_preferred: float, trials: int) -> list[int]:
+        rolled = []
+        for i in range(trials):
+            rng, t = random.Random(f"h2h/{canary_preferred}/{i}"), trial(min_requests=10**9)
+            for n in range(1, 1001):
+                t.observe_choice(*(("v1", "v0") if rng.random() < canary_preferred else ("v0", "v1")))
+                if t.verdict() is not None:
+                    rolled.append(n)
+                    break
+        return sorted(rolled)
+
+    equal, worse = run(0.5, 300), run(0.35, 100)
+    print(f"comparisons: {len(equal)} of 300 equal canaries rolled back; canaries preferred 35% of the time: "
+          f"{len(worse)} of 100, median after {worse[len(worse) // 2]} comparisons")
+    assert len(equal) / 300 <= 0.02 and len(worse) == 100
+
+
 def test_a_worse_canary_is_caught():
     caught = run_canaries(0.5, 100, 1000, lambda t: t.verdict() is not None, seed=1)
     caught.sort()
     print(f"0.5 against 0.7 approval: rolled back {len(caught)} of 100, median after {caught[50]} ratings a side")
     assert len(caught) == 100 and caught[50] < 400  # measured 135 in simulation
+
+
+def test_direct_comparisons_by_hand():
+    pair = {"a": {"completion_id": "c1"}, "b": {"completion_id": "c2"}}
+    assert [preferred_first(parse_feedback({"type": "pairwise", "preference": p, **pair})) for p in "ab"] == [
+        (0, 1), (1, 0)]
+    assert preferred_first(parse_feedback({"type": "pairwise", "preference": "tie", **pair})) is None
+    assert preferred_first(parse_feedback({"type": "ranking", "ranked": [pair["a"], pair["b"]]})) is None
+    # 10 wins of 40: diff = -0.25, V = 0.25 / 40 = 0.00625, tau^2 = 0.04: sqrt(0.00625 / 0.04625) = 0.36761,
+    # exp(0.0625 * 0.04 / (2 * 0.00625 * 0.04625)) = exp(4.3243) = 75.53.
+    difference, ratio = preference_evidence(HeadToHead(comparisons=40, canary_wins=10), tau=0.2)
+    assert difference == -0.25 and ratio == pytest.approx(27.76, abs=0.01)
+    t = trial(min_requests=1000)
+    for i in range(40):
+        t.observe_choice(*(("v1", "v0") if i < 10 else ("v0", "v1")))
+    t.observe_choice("v7", "v0")  # a comparison with another version says nothing about the canary
+    assert t.head_to_head == HeadToHead(comparisons=40, canary_wins=10) and t.verdict() is None  # 27.8 < 200
+    for i in range(20):
+        t.observe_choice(*(("v1", "v0") if i < 5 else ("v0", "v1")))
+    verdict = t.verdict()  # 15 of 60: ratio 273.7
+    assert verdict.verdict == ROLLED_BACK and "15 of 60 direct comparisons" in verdict.reason
 
 
 def test_rollback_on_failures_beyond_the_baselines():
@@ -316,3 +366,26 @@ def test_operators_conclude_or_supersede_a_canary(app_client, canary_settings, e
         client.portal.call(policies.offer, "v3")
         assert client.post("/v1/admin/policy", json={"version": "v1"}).json()["canary"] is None  # a pin ends it
     assert [(e.version, e.action) for e in events.announced] == [("v2", "promoted")]
+
+
+def test_ab_requests_compare_the_canary_head_to_head(app_client, canary_settings, events, tmp_path):
+    publish_fake_adapter(PolicyRegistry(canary_settings.registry_dir), tmp_path)
+    with app_client() as client:
+        client.portal.call(client.app.state.policies.offer, "v1")
+        for _ in range(40):  # users prefer the current version's answer every time
+            body = client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 1, "ab": True}).json()
+            versions = [choice["policy_version"] for choice in body["choices"]]
+            assert sorted(versions) == ["v0", "v1"]
+            response = client.post("/v1/feedback", json={
+                "type": "pairwise", "preference": "a" if versions[0] == "v0" else "b",
+                "a": {"completion_id": body["id"], "choice_index": 0},
+                "b": {"completion_id": body["id"], "choice_index": 1}})
+            assert response.status_code == 202, response.text
+        figures = client.get("/v1/admin/policy").json()["canary"]["figures"]
+        assert (figures["comparisons"], figures["canary_wins"]) == (40, 0)
+        assert review(client)["rolled_back"] == ["v1"]
+        [event] = events.announced
+        assert "preferred in 0 of 40 direct comparisons" in event.reason
+        # Without a canary (or a candidate), A/B draws two answers of the current version.
+        body = client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 1, "ab": True}).json()
+        assert [choice["policy_version"] for choice in body["choices"]] == ["v0", "v0"]
