@@ -23,6 +23,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from common.vllm_cpu import prepare_cpu_engine  # noqa: E402
 from deploy.local import start_service, stop_service, wait_http_ok  # noqa: E402
 from deploy.local_broker import LocalBroker, free_port  # noqa: E402
 from trainer.corpus import sample_prompts  # noqa: E402
@@ -93,7 +94,8 @@ def main() -> None:
     if not (Path(options.model) / "config.json").is_file():
         sys.exit(f"no model at {options.model}: run `make model` (or pass --model DIR)")
     prompts = sample_prompts(64, seed=3)
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    prepare_cpu_engine(kv_cache_gib=1)  # both servers get the CPU backend's environment serving sets itself
+    env = dict(os.environ)
 
     def load(model: str):
         def run(url: str) -> dict[str, dict]:

@@ -40,6 +40,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from common.vllm_cpu import prepare_cpu_engine
 from trainer.distributed import full, is_sharded
 from trainer.tokens import pad_left
 
@@ -174,7 +175,7 @@ class VllmRollout:
     (the engine runs without LoRA); sync="lora": refresh saves the adapter and the engine applies it with
     its LoRA kernels. The engine starts in about 20 s (tiny model, CPU). On the CPU its KV cache takes
     VLLM_CPU_KVCACHE_SPACE GiB (1 unless set) and its worker is not pinned to cores
-    (VLLM_CPU_OMP_THREADS_BIND=nobind unless set); on a GPU it takes `gpu_memory_utilization` of the device,
+    (common.vllm_cpu); on a GPU it takes `gpu_memory_utilization` of the device,
     which the training step shares. On the CPU, outside a launcher, the engine runs in this process
     (`engine_in_this_process`) on its torch threads; under a launcher each rank's engine keeps a worker
     process of its own, whose torch.distributed world must not be the ranks' one. float32 keeps sampling
@@ -185,10 +186,7 @@ class VllmRollout:
     def __init__(self, base_model: Path, lora_rank: int, sync: Literal["weights", "lora"] = "weights",
                  max_model_len: int | None = None, gpu_memory_utilization: float = 0.3):  # fmt: skip
         if not torch.cuda.is_available():
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-            # vLLM pins its CPU worker to the first cores by default, the same ones for every engine: next
-            # to serving's engine the trainer's worker got 65 ms of CPU in 3.5 minutes. Let the OS place it.
-            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+            prepare_cpu_engine(kv_cache_gib=1)
         from vllm import LLM  # imported here: the HF backend and the tests' fast path never load vLLM
 
         lora = {"enable_lora": True, "max_loras": 1,

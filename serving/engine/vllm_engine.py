@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator
 
 import torch
@@ -14,6 +13,7 @@ from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from common.registry import PolicyVersion
+from common.vllm_cpu import prepare_cpu_engine
 from serving.engine.protocol import ChoiceDelta, GenerationUpdate, SamplingOptions, TokenLogprob
 from serving.settings import ServingSettings
 
@@ -26,8 +26,7 @@ def lora_request(policy: PolicyVersion) -> LoRARequest | None:
 class VllmEngine:
     def __init__(self, settings: ServingSettings):
         if not torch.cuda.is_available():
-            # The CPU backend reserves its KV cache from this (GiB); its default fraction fails here.
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_gib))
+            prepare_cpu_engine(settings.kv_cache_gib)
         self.max_model_len = settings.max_model_len
         self.tokenizer = AutoTokenizer.from_pretrained(settings.base_model)
         args = AsyncEngineArgs(
