@@ -64,6 +64,12 @@ def _parse(model: type[BaseModel], value: str | None) -> BaseModel:
     return event
 
 
+def ingest_consumer(settings: TrainerSettings) -> KafkaConsumer:
+    """The trainer's member of its consumer group, reading completions and feedback."""
+    topics = [settings.completions_topic, settings.feedback_topic]
+    return make_consumer(settings, topics, settings.group_id, group_instance_id=settings.group_instance_id or None)
+
+
 class Ingestor:
     """start() the thread, stop() it; `error` holds what killed it, if anything did."""
 
@@ -88,11 +94,10 @@ class Ingestor:
     def _run(self) -> None:
         consumer = None
         try:
-            topics = [self._settings.completions_topic, self._settings.feedback_topic]
-            consumer = make_consumer(self._settings, topics, self._settings.group_id)
-            log.info(
-                "ingest.started", extra={"fields": {"topics": topics, "group_id": self._settings.group_id}}
-            )
+            consumer = ingest_consumer(self._settings)
+            fields = {"topics": sorted(consumer.subscription()), "group_id": self._settings.group_id,
+                      "group_instance_id": self._settings.group_instance_id}  # fmt: skip
+            log.info("ingest.started", extra={"fields": fields})
             while not self._stopping.is_set():
                 records = consumer.poll(timeout_ms=POLL_TIMEOUT_MS, max_records=MAX_POLL_RECORDS)
                 if records:
