@@ -41,6 +41,16 @@ def wait_until(condition, timeout_s: float = 30.0, what: str = "condition") -> N
         time.sleep(0.1)
 
 
+def ingest_until(settings: TrainerSettings, store: FeedbackStore, condition, what: str) -> None:
+    """Run the trainer's ingestor until `condition` holds; it must stop without an error."""
+    ingestor = Ingestor(settings, store).start()
+    try:
+        wait_until(condition, what=what)
+    finally:
+        ingestor.stop()
+    assert ingestor.error is None
+
+
 def produce(settings: TrainerSettings, completions, feedback_events, raw_feedback: list[str] = ()) -> None:
     ensure_topics(settings, [settings.completions_topic, settings.feedback_topic])
     producer = make_producer(settings)
@@ -79,12 +89,7 @@ def test_events_land_in_the_store_once_and_bad_records_in_dead_letters(kafka_set
         raw_feedback=['{"feedback": 1}', "no json"],
     )
     store = FeedbackStore(settings.store_path)
-    ingestor = Ingestor(settings, store).start()
-    try:
-        wait_until(lambda: store.row_counts()["dead_letters"] == 2, what="every record to be stored")
-    finally:
-        ingestor.stop()
-    assert ingestor.error is None
+    ingest_until(settings, store, lambda: store.row_counts()["dead_letters"] == 2, what="every record to be stored")
     assert store.row_counts() == {"completions": 10, "feedback": 20, "dead_letters": 2, "rounds": 0}
     assert store.new_feedback_count() == 20
 
@@ -171,10 +176,5 @@ def test_a_trainer_stopped_while_joining_its_group_does_not_block_the_next(kafka
     stopped_early.close(autocommit=False)
 
     store = FeedbackStore(settings.store_path)
-    ingestor = Ingestor(settings, store).start()
-    try:
-        wait_until(lambda: store.row_counts()["feedback"] == 20, what="the next trainer to read the stream")
-    finally:
-        ingestor.stop()
-    assert ingestor.error is None
+    ingest_until(settings, store, lambda: store.row_counts()["feedback"] == 20, what="the next trainer to read")
     store.close()
