@@ -31,10 +31,10 @@ class TrainerSettings(SharedSettings):
     )
     group_instance_id: str | None = Field(
         "rlhf-trainer-0",
-        description="Static membership of that group (KIP-345): a restarted trainer takes its partitions "
-        "back at once, and a second trainer with the same id fences the first instead of splitting the "
-        "stream between two stores. Tansu, the embedded broker, never expires a dynamic member that left "
-        "while joining: the next trainer waited on it for 11 minutes. Empty: dynamic membership.",
+        description="Static membership of that group (KIP-345), so that a restarted trainer takes its "
+        "partitions back: Tansu, the embedded broker, never expires a dynamic member that left while "
+        "joining, and the next trainer waited on it for 11 minutes. One running trainer per id: Kafka "
+        "fences the older of two, Tansu lets both read (measured). Empty: dynamic membership.",
     )
     min_new_feedback: int = Field(
         32,
