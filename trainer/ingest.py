@@ -67,7 +67,7 @@ def _parse(model: type[BaseModel], value: str | None) -> BaseModel:
 def ingest_consumer(settings: TrainerSettings) -> KafkaConsumer:
     """The trainer's member of its consumer group, reading completions and feedback."""
     topics = [settings.completions_topic, settings.feedback_topic]
-    return make_consumer(settings, topics, settings.group_id, group_instance_id=settings.group_instance_id or None)
+    return make_consumer(settings, topics, settings.group_id, group_instance_id=settings.group_instance_id)
 
 
 class Ingestor:

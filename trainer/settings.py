@@ -7,7 +7,7 @@ unset by default, which keeps the learners' own config defaults; tests set them 
 from pathlib import Path
 from typing import Literal, Self
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from common.settings import SharedSettings
@@ -98,6 +98,11 @@ class TrainerSettings(SharedSettings):
         description="An SFT adapter (`python -m trainer sft`): PPO's reference policy, and the start of the "
         "first version's policy. Unset: the base model is the reference.",
     )
+
+    @field_validator("group_instance_id")
+    @classmethod
+    def _empty_is_dynamic(cls, value: str | None) -> str | None:
+        return value or None  # TRAINER_GROUP_INSTANCE_ID="" turns static membership off
 
     @model_validator(mode="after")
     def _store_in_work_dir(self) -> Self:
