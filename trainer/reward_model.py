@@ -144,21 +144,31 @@ class RewardModel(nn.Module):
         last = attention_mask.sum(dim=1) - 1
         return self.head(hidden[torch.arange(hidden.shape[0], device=hidden.device), last]).squeeze(-1)
 
-    def encode(self, prompts: list[Prompt], responses: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(
+        self, prompts: list[Prompt], responses: list[str], ended: list[bool] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`ended[i]` False: answer i was cut at the length cap and gets no end-of-sequence token (None: all
+        ended)."""
+        ended = ended if ended is not None else [True] * len(responses)
         seqs = [
-            sample_ids(self.tokenizer, p, r, self.max_length) for p, r in zip(prompts, responses, strict=True)
+            sample_ids(self.tokenizer, p, r, self.max_length, e)
+            for p, r, e in zip(prompts, responses, ended, strict=True)
         ]
         return pad_right(seqs, self.tokenizer.pad_token_id)
 
     @torch.no_grad()
-    def score(self, prompts: list[Prompt], responses: list[str], batch_size: int = 32) -> torch.Tensor:
-        """[len(responses)] rewards, float32, in batches."""
+    def score(
+        self, prompts: list[Prompt], responses: list[str], batch_size: int = 32, ended: list[bool] | None = None
+    ) -> torch.Tensor:
+        """[len(responses)] rewards, float32, in batches; `ended` as in `encode`."""
         was_training = self.training
         self.eval()
         scores = []
         for start in range(0, len(responses), batch_size):
             ids, mask = self.encode(
-                prompts[start : start + batch_size], responses[start : start + batch_size]
+                prompts[start : start + batch_size],
+                responses[start : start + batch_size],
+                None if ended is None else ended[start : start + batch_size],
             )
             scores.append(self(ids, mask))
         self.train(was_training)

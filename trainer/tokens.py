@@ -1,7 +1,8 @@
 """(prompt, response) -> token ids, the way the served model sees them.
 
 The prompt is rendered with the base model's chat template and tokenized as text, as vLLM's chat endpoint
-does; the response follows, closed by the end-of-sequence token the policy emits to stop.
+does; the response follows, closed by the end-of-sequence token the policy emits to stop, unless it was cut
+at the length cap: a truncated answer is scored as the unfinished text it is, not as one that had ended.
 """
 
 from __future__ import annotations
@@ -28,15 +29,17 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: Prompt) -> list[int]:
     return tokenizer(text, add_special_tokens=False).input_ids
 
 
-def response_ids(tokenizer: PreTrainedTokenizerBase, response: str) -> list[int]:
-    return tokenizer(response, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+def response_ids(tokenizer: PreTrainedTokenizerBase, response: str, ended: bool = True) -> list[int]:
+    """The response's tokens, closed by end-of-sequence if it `ended` (False: cut at the length cap)."""
+    closing = [tokenizer.eos_token_id] if ended else []
+    return tokenizer(response, add_special_tokens=False).input_ids + closing
 
 
 def sample_ids(
-    tokenizer: PreTrainedTokenizerBase, prompt: Prompt, response: str, max_length: int
+    tokenizer: PreTrainedTokenizerBase, prompt: Prompt, response: str, max_length: int, ended: bool = True
 ) -> list[int]:
     """Prompt and response; an over-long sample loses its beginning, since rewards are read at the end."""
-    return (prompt_ids(tokenizer, prompt) + response_ids(tokenizer, response))[-max_length:]
+    return (prompt_ids(tokenizer, prompt) + response_ids(tokenizer, response, ended))[-max_length:]
 
 
 def pad_right(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
