@@ -1,7 +1,9 @@
 """PPO's rollouts: responses sampled from the current policy, by Hugging Face `generate` or by vLLM.
 
 Both backends take prompts as token ids and return `n` responses per prompt (prompt-major), each as token
-ids ending at, and including, the end-of-sequence token when the policy stopped by itself. They sample
+ids ending at, and including, a stop token (`stop_ids`: end-of-sequence, and any other the model's generation
+config names) when the policy stopped by itself, and without one when it was cut at `max_new_tokens`
+(`ended` tells which: vLLM's finish_reason "stop" against "length"). They sample
 from the full distribution at the given temperature (no top-k, no top-p): PPO's probability ratios assume
 the rollouts come from the policy it trains. Log-probabilities are never taken from the generator; PPO
 recomputes them in torch.
@@ -42,13 +44,15 @@ from transformers import (
 
 from common.vllm_cpu import prepare_cpu_engine
 from trainer.distributed import full, is_sharded
-from trainer.tokens import pad_left
+from trainer.tokens import load_tokenizer, pad_left, stop_ids
 
 # Ranks vLLM's LoRA kernels are built for; max_lora_rank must be one of them.
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
 
 class RolloutBackend(Protocol):
+    stop_ids: frozenset[int]  # the tokens at which it stops an answer
+
     def refresh(self, policy: PeftModel) -> None:
         """Sample from `policy`'s current weights from now on."""
 
@@ -65,8 +69,15 @@ class RolloutBackend(Protocol):
     def close(self) -> None: ...
 
 
-def end_at_eos(tokens: list[int], eos_id: int) -> list[int]:
-    return tokens[: tokens.index(eos_id) + 1] if eos_id in tokens else tokens
+def ended(response: list[int], stops: frozenset[int]) -> bool:
+    """Whether the policy stopped this answer itself (False: it was cut at the length cap)."""
+    return bool(response) and response[-1] in stops
+
+
+def end_at_stop(tokens: list[int], stops: frozenset[int]) -> list[int]:
+    """The tokens up to and including the first stop token (generate pads rows that stopped early)."""
+    first = next((i for i, token in enumerate(tokens) if token in stops), None)
+    return tokens if first is None else tokens[: first + 1]
 
 
 class SeededSampler(LogitsProcessor):
@@ -97,9 +108,11 @@ class HFRollout:
     def __init__(self, tokenizer: PreTrainedTokenizerBase):
         self.tokenizer = tokenizer
         self.policy: PeftModel | None = None
+        self.stop_ids = stop_ids(tokenizer, None)  # and the policy's generation config once refreshed
 
     def refresh(self, policy: PeftModel) -> None:
         self.policy = policy
+        self.stop_ids = stop_ids(self.tokenizer, policy.generation_config)
 
     @torch.no_grad()
     def generate(self, prompts, n, max_new_tokens, temperature, seeds) -> list[list[int]]:
@@ -111,7 +124,7 @@ class HFRollout:
         greedy = GenerationConfig(
             do_sample=False,  # the sampling is SeededSampler's
             max_new_tokens=max_new_tokens,
-            eos_token_id=self.tokenizer.eos_token_id,
+            eos_token_id=sorted(self.stop_ids),  # where vLLM stops too
             pad_token_id=self.tokenizer.pad_token_id,
         )
         out = self.policy.generate(
@@ -121,7 +134,7 @@ class HFRollout:
             logits_processor=LogitsProcessorList([SeededSampler(row_seeds, temperature)]),
             synced_gpus=is_sharded(self.policy),  # sharded ranks run every step's forward until all are done
         )
-        return [end_at_eos(row, self.tokenizer.eos_token_id) for row in out[:, input_ids.shape[1] :].tolist()]
+        return [end_at_stop(row, self.stop_ids) for row in out[:, input_ids.shape[1] :].tolist()]
 
     def close(self) -> None:
         self.policy = None
@@ -208,7 +221,11 @@ class VllmRollout:
                 **unsplit_prefills,
             )
         self.sync = sync
-        self.eos_id = self.llm.get_tokenizer().eos_token_id
+        try:  # vLLM stops at the generation config's eos_token_id too
+            generation = GenerationConfig.from_pretrained(base_model)
+        except OSError:  # the model has none
+            generation = None
+        self.stop_ids = stop_ids(load_tokenizer(base_model), generation)
         self.work = Path(tempfile.mkdtemp(prefix="vllm-rollout-"))
         self.refreshes = 0
         self.lora = None  # sync="lora": the LoRARequest of the current adapter
@@ -257,7 +274,8 @@ class VllmRollout:
                 lora_request=self.lora,
                 use_tqdm=False,
             )
-        return [end_at_eos(list(c.token_ids), self.eos_id) for o in outputs for c in o.outputs]
+        # vLLM ends an answer at its first stop token, which it keeps: nothing to cut.
+        return [list(c.token_ids) for o in outputs for c in o.outputs]
 
     def close(self) -> None:
         self.llm.llm_engine.engine_core.shutdown()

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 
 from trainer.data import Prompt, prompt_to_messages
 
@@ -20,6 +20,14 @@ def load_tokenizer(base_model: Path) -> PreTrainedTokenizerBase:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding is always masked, so any id will do
     return tokenizer
+
+
+def stop_ids(tokenizer: PreTrainedTokenizerBase, generation: GenerationConfig | None) -> frozenset[int]:
+    """The tokens that end an answer: the tokenizer's end-of-sequence and every eos_token_id of the model's
+    generation config (vLLM stops at all of them; chat models often list an end-of-turn token there)."""
+    extra = generation.eos_token_id if generation is not None else None
+    extra = [] if extra is None else [extra] if isinstance(extra, int) else list(extra)
+    return frozenset([tokenizer.eos_token_id, *extra])
 
 
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: Prompt) -> list[int]:

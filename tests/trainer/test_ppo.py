@@ -1,10 +1,12 @@
-"""PPO on the tiny base model: batching, the reference policy, rollouts, resuming, then learning two preferences."""
+"""PPO on the tiny base model: batching, the reference policy, rollouts, truncated answers, resuming, then
+learning two preferences with the shipped defaults."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -16,9 +18,11 @@ from transformers import AutoModelForCausalLM
 from trainer.corpus import generate_dialogues, sample_prompts
 from trainer.data import prompt_from_messages
 from trainer.evaluate import EvalConfig, evaluate_candidate, sample_and_score
+from trainer.loop import ppo_config
 from trainer.ppo import PPOConfig, load_policy, pack, policy_forward, train_ppo
 from trainer.reward_model import RewardModel
-from trainer.rollout import HFRollout
+from trainer.rollout import HFRollout, ended
+from trainer.settings import TrainerSettings
 from trainer.tokens import load_tokenizer, prompt_ids
 
 
@@ -95,6 +99,39 @@ def test_hf_rollouts_end_at_eos_and_each_prompt_has_its_own_seed(base_model_dir)
     assert rollout.generate(queries[2:4], 2, 12, 1.0, seeds=[5, 3])[:2] != responses[4:6]
 
 
+def test_a_truncated_answer_is_scored_without_end_of_sequence(base_model_dir, length_rm):
+    tokenizer = load_tokenizer(base_model_dir)
+    rollout = HFRollout(tokenizer)
+    rollout.refresh(load_policy(base_model_dir, PPOConfig()).eval())
+    prompts = [prompt_from_messages(m) for m in sample_prompts(8, seed=3)]
+    queries = [prompt_ids(tokenizer, p) for p in prompts]
+    responses = rollout.generate(queries, 2, 6, 1.0, seeds=list(range(8)))  # 6 tokens: some answers end
+    finished = [ended(r, rollout.stop_ids) for r in responses]
+    assert finished == [r[-1] == tokenizer.eos_token_id for r in responses]
+    assert any(finished) and not all(finished), responses
+
+    # What the reward model reads: the answer's tokens, then end-of-sequence only if the policy emitted it.
+    rm = RewardModel.load(base_model_dir, length_rm[0])
+    texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
+    answered = [p for p in prompts for _ in range(2)]
+    ids, mask = rm.encode(answered, texts, finished)
+    for row, (text, done) in enumerate(zip(texts, finished, strict=True)):
+        read = ids[row, : mask[row].sum()].tolist()
+        expected = tokenizer(text, add_special_tokens=False).input_ids + ([tokenizer.eos_token_id] if done else [])
+        assert read[len(read) - len(expected) :] == expected, (row, done, read)
+    scores, as_if_ended = rm.score(answered, texts, ended=finished), rm.score(answered, texts)
+    cut = torch.tensor([not done for done in finished])
+    torch.testing.assert_close(scores[~cut], as_if_ended[~cut])
+    assert (scores[cut] - as_if_ended[cut]).abs().min() > 1e-4  # a cut answer is not scored as if it had ended
+
+
+def test_make_up_trains_with_the_defaults_the_learning_tests_use(monkeypatch):
+    # `make up` sets no TRAINER_* variable: each round runs PPOConfig's defaults, its seed the round's.
+    for name in [n for n in os.environ if n.startswith("TRAINER_")]:
+        monkeypatch.delenv(name)
+    assert ppo_config(TrainerSettings(), round_number=3) == dataclasses.replace(PPOConfig(), seed=3)
+
+
 # The KL from the trained policy to the reference (the base), in nats per answer, that the learning test
 # allows. Measured on the tiny base, 20 steps at lr 1e-3, 384 held-out answers: InstructGPT's beta = 0.02
 # reached ~17 nats and garbled answers; beta = 0.2 reached 10.5 (wording) once rollouts ran on an
@@ -111,9 +148,7 @@ def test_ppo_raises_the_rate_of_answers_the_hidden_preference_likes(base_model_d
     held_out_prompts = [prompt_from_messages(m) for m in sample_prompts(96, seed=1)]
     tokenizer = load_tokenizer(base_model_dir)
     ptx_texts = [tokenizer.apply_chat_template(d, tokenize=False) for d in generate_dialogues(32, seed=5)]
-    config = PPOConfig(
-        steps=20, rollout_batch_size=16, minibatch_size=8, max_new_tokens=48, kl_coef=0.3, seed=0
-    )
+    config = PPOConfig()  # what `make up` runs (test_make_up_trains_with_the_defaults_the_learning_tests_use)
     history: list[dict] = []
 
     final = train_ppo(
@@ -127,9 +162,9 @@ def test_ppo_raises_the_rate_of_answers_the_hidden_preference_likes(base_model_d
     )
 
     # One metrics dict per step, every figure finite; the first rollouts come from the base itself.
-    assert [m["step"] for m in history] == list(range(1, 21)) and final == history[-1]
+    assert [m["step"] for m in history] == list(range(1, config.steps + 1)) and final == history[-1]
     expected = {"reward_mean", "reward_std", "kl", "kl_coef", "entropy", "clipfrac", "approx_kl",
-                "policy_loss", "value_loss", "explained_variance", "response_length", "ptx_loss",
+                "policy_loss", "value_loss", "explained_variance", "response_length", "truncated", "ptx_loss",
                 "tokens_per_s", "rollout_seconds", "scoring_seconds", "update_seconds"}  # fmt: skip
     assert expected <= set(final) and all(math.isfinite(v) for m in history for v in m.values())
     assert abs(history[0]["kl"]) < 1e-5 and final["kl"] > 0.1, [m["kl"] for m in history]
@@ -143,7 +178,7 @@ def test_ppo_raises_the_rate_of_answers_the_hidden_preference_likes(base_model_d
     # more often than the base's (by more than three standard errors of the difference), the reward model
     # agrees, and the KL to the reference stays under the bound.
     rm = RewardModel.load(base_model_dir, rm_dir)
-    sampling = EvalConfig(samples_per_prompt=4, max_new_tokens=48)
+    sampling = EvalConfig(samples_per_prompt=4, max_new_tokens=config.max_new_tokens)
     before, after = (
         sample_and_score(load_policy(base_model_dir, config, init_adapter=adapter).eval(),
                          HFRollout(tokenizer), rm, held_out_prompts, sampling)
@@ -164,8 +199,8 @@ def test_ppo_raises_the_rate_of_answers_the_hidden_preference_likes(base_model_d
         f"standard error {rate_error:.1%}; held-out reward {reward_before.mean():.3f} -> "
         f"{reward_after.mean():.3f}; KL to the reference {kl_after:.2f} nats per answer (bound {KL_BOUND}, "
         f"last five training steps {sum(m['kl'] for m in history[-5:]) / 5:.2f}); kl per step {[round(m['kl'], 2) for m in history]}; "
-        f"reward_mean per step "
-        f"{[round(m['reward_mean'], 2) for m in history]}; e.g. {texts_after[:4]}"
+        f"reward_mean per step {[round(m['reward_mean'], 2) for m in history]}; "
+        f"truncated per step {[round(m['truncated'], 2) for m in history]}; e.g. {texts_after[:4]}"
     )
     assert abs(kl_before) < 1e-6, figures
     assert rate_after - rate_before > 3 * rate_error, figures

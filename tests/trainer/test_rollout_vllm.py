@@ -12,7 +12,7 @@ from tests.trainer.test_ppo import policy_with_random_adapter
 from trainer.corpus import sample_prompts
 from trainer.data import prompt_from_messages
 from trainer.ppo import PPOConfig, train_ppo
-from trainer.rollout import HFRollout, VllmRollout
+from trainer.rollout import HFRollout, VllmRollout, ended
 from trainer.tokens import load_tokenizer, prompt_ids
 
 pytestmark = pytest.mark.slow  # starts a vLLM engine (about 20 s on the CPU)
@@ -30,6 +30,7 @@ def test_vllm_rollouts_follow_the_adapter_and_drive_ppo(base_model_dir, length_r
     assert vllm.in_process  # on the CPU without a launcher, the engine runs in this process
     # vLLM's worker replaces torch.set_num_threads with a no-op; the trainer's process must keep its own.
     assert torch.set_num_threads is set_num_threads
+    assert vllm.stop_ids == hf.stop_ids  # both stop an answer at the same tokens, which mark it as ended
     try:
         # Greedy answers under the adapter are the ones transformers computes: the adapter is what vLLM runs.
         vllm.refresh(policy)
@@ -45,6 +46,7 @@ def test_vllm_rollouts_follow_the_adapter_and_drive_ppo(base_model_dir, length_r
         assert torch.equal(torch.get_rng_state(), rng)  # vLLM's sampler drew from its own copy of the RNG
         eos = tokenizer.eos_token_id
         assert len(samples) == 16 and all(s[-1] == eos or len(s) == 12 for s in samples)
+        assert [ended(s, vllm.stop_ids) for s in samples] == [s[-1] == eos for s in samples]
         assert all(eos not in s[:-1] for s in samples) and samples[0] != samples[1]
         assert vllm.generate(queries[2:4], 2, 12, 1.0, seeds=[2, 3]) == samples[4:8]
         # A batch whose prompts take more tokens than one engine step schedules (4096 by default): vLLM
