@@ -81,9 +81,13 @@ class PolicyRegistry:
         base_model: str,
         parent: str,
         metrics: dict[str, float],
+        gate: list[str] | None = None,
         source: str | None = None,
     ) -> PolicyVersion:
         """Copy a saved PEFT adapter in as the next version and return it.
+
+        `metrics` are the figures of the round that trained it; `gate` is what the trainer's evaluation
+        gate found (one line per check, "pass ...", "fail ..." or "info ..."; empty: published without it).
 
         `source` names what produced the adapter (the trainer's round id); a version already published
         from the same source is returned instead of a second copy, so a publisher that crashed after
@@ -104,6 +108,7 @@ class PolicyRegistry:
                 "source": source,
                 "created_at": datetime.now(UTC).isoformat(),
                 "metrics": metrics,
+                "gate": list(gate or []),
             }
             (staged / MANIFEST).write_text(json.dumps(manifest, indent=2))
             try:

@@ -1,16 +1,23 @@
-"""The trainer's main loop: wait for feedback, train the reward model, run PPO, evaluate, publish.
+"""The trainer's main loop: wait for feedback, train two reward models, run PPO, evaluate, publish.
 
-A round publishes its policy only if the evaluation gate (trainer.evaluate) passes it: not measurably worse
-than its parent on held-out prompts, and within the KL bound of the reference. A rejected round is recorded
-(its feedback counts as trained on, its reward model seeds the next) and the next round starts again from
-the same parent.
+Every piece of feedback belongs to one side of the split (trainer.split, by its prompt). Each round
+refreshes two reward models incrementally (trainer.reward_model: from the previous round's model, on the
+side's new feedback plus a replay sample of its old): the policy's, on the train side, which PPO optimises
+on train-side prompts; and the judge, on the judge side, which the evaluation gate (trainer.evaluate) asks
+about judge-side prompts. Both are measured on the held-out side. A round publishes its policy only if the
+gate passes it; its reasons go into the version's manifest (`gate`), or, for a rejected round, into the
+round's record (`error`). A round whose judge is not validated on held-out feedback is rejected before
+PPO: the gate could not pass its policy, so PPO's time is saved. A rejected round is recorded (its
+feedback counts as trained on, its reward models seed the next round's) and the next round starts again
+from the same parent.
 
 Rounds are crash-safe by construction: feedback counts as trained on only once its round is recorded. A
 round that dies (or is abandoned on SIGTERM) resumes after the restart where it stopped, on the same data:
-its plan (the feedback it trains on, its PPO prompts, its parent version) is written to `round.json` in the
-round's directory first, a finished reward model is kept, and PPO continues after its last checkpointed
-step (trainer.checkpoint). Feedback that arrived meanwhile waits for the next round. Every step is logged as
-one JSON line on stdout and its metrics are set on the Prometheus gauges (trainer.metrics).
+its plan (the feedback it trains on, its PPO and gate prompts, its parent version) is written to
+`round.json` in the round's directory first, finished reward models are kept, and PPO continues after its
+last checkpointed step (trainer.checkpoint). Feedback that arrived meanwhile waits for the next round.
+Every step is logged as one JSON line on stdout and its metrics are set on the Prometheus gauges
+(trainer.metrics).
 """
 
 from __future__ import annotations
@@ -38,17 +45,19 @@ from common.kafka import ensure_topics, make_producer, wait_for_broker
 from common.registry import PolicyRegistry, PolicyVersion
 from trainer import metrics
 from trainer.adapters import adapter_rank
-from trainer.corpus import generate_dialogues, sample_prompts
-from trainer.data import Demonstration, Prompt, prompt_from_messages, prompt_to_messages
-from trainer.evaluate import EvalConfig, evaluate_candidate
+from trainer.corpus import generate_dialogues
+from trainer.data import Demonstration, Prompt, RewardDataset, prompt_to_messages
+from trainer.evaluate import EvalConfig, GateResult, evaluate_candidate, judge_check, reward_model_metrics
 from trainer.ingest import Ingestor
 from trainer.ppo import PPOConfig, make_rollout, train_ppo
+from trainer.prompts import corpus_prompts, mixed, on_side
 from trainer.publish import publish_policy
 from trainer.reward_model import META_FILE as REWARD_MODEL_META
 from trainer.reward_model import RewardModelConfig, train_reward_model
 from trainer.rollout import RolloutBackend
 from trainer.settings import TrainerSettings
-from trainer.store import FeedbackStore, RoundRecord, TrainingData
+from trainer.split import Side, split_dataset
+from trainer.store import FeedbackStore, RoundRecord, TrainingSnapshot
 from trainer.tokens import load_tokenizer
 
 log = logging.getLogger("trainer.loop")
@@ -66,22 +75,29 @@ class RoundPlan:
 
     id: str  # unique across work dirs: the registry knows a version published from this round by it
     feedback_ids: tuple[str, ...]
-    prompts: tuple[Prompt, ...]
+    prompts: tuple[Prompt, ...]  # PPO's, all on the train side of the split
+    gate_prompts: tuple[Prompt, ...]  # the evaluation gate's, all on the judge side
     parent: str  # the policy version PPO continues
     resumed: bool = False  # read back from an earlier run of the round
 
     def write(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = path.with_suffix(".tmp")
-        fields = {"id": self.id, "feedback_ids": self.feedback_ids, "prompts": self.prompts, "parent": self.parent}
+        fields = {"id": self.id, "feedback_ids": self.feedback_ids, "prompts": self.prompts,
+                  "gate_prompts": self.gate_prompts, "parent": self.parent}  # fmt: skip
         staging.write_text(json.dumps(fields))
         staging.rename(path)  # atomic: a plan is whole or absent
 
     @classmethod
     def read(cls, path: Path) -> RoundPlan:
+        """The plan at `path`; KeyError if an older trainer wrote it without gate prompts."""
         fields = json.loads(path.read_text())
-        prompts = tuple(tuple(tuple(message) for message in prompt) for prompt in fields["prompts"])
-        return cls(fields["id"], tuple(fields["feedback_ids"]), prompts, fields["parent"], resumed=True)
+
+        def prompts(name: str) -> tuple[Prompt, ...]:
+            return tuple(tuple(tuple(message) for message in prompt) for prompt in fields[name])
+
+        return cls(fields["id"], tuple(fields["feedback_ids"]), prompts("prompts"), prompts("gate_prompts"),
+                   fields["parent"], resumed=True)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -91,12 +107,11 @@ class Learners:
 
     train_reward_model: Callable[..., dict[str, float]] = train_reward_model
     train_ppo: Callable[..., dict[str, float]] = train_ppo
-    evaluate: Callable[..., dict[str, float]] = evaluate_candidate
+    evaluate: Callable[..., GateResult] = evaluate_candidate
     make_rollout: Callable[[PPOConfig, Path, int], RolloutBackend] = make_rollout
 
 
 def reward_model_config(settings: TrainerSettings) -> RewardModelConfig:
-    # The seed stays the same across rounds: it decides which items are held out, and they must stay out.
     return _with_overrides(RewardModelConfig(seed=settings.seed), epochs=settings.rm_epochs)
 
 
@@ -115,6 +130,7 @@ def eval_config(settings: TrainerSettings) -> EvalConfig:
     return _with_overrides(
         EvalConfig(),
         prompts=settings.eval_prompts,
+        max_new_tokens=settings.ppo_max_new_tokens,  # the gate samples answers as PPO does
         max_reward_drop_se=settings.eval_max_reward_drop_se,
         max_kl=settings.eval_max_kl,
     )
@@ -198,6 +214,7 @@ class TrainingLoop:
         plan = self._plan(number, round_dir)
         snapshot = self.store.training_snapshot(plan.feedback_ids)
         record = RoundRecord(number, started, "published", snapshot.feedback_total, snapshot.new_feedback_ids)
+        train_side = split_dataset(snapshot.data.reward)[Side.TRAIN]
         _log(
             "round.started",
             round=number,
@@ -205,12 +222,15 @@ class TrainingLoop:
             feedback_total=snapshot.feedback_total,
             feedback_new=len(snapshot.new_feedback_ids),
             reward_items=len(snapshot.data.reward),
+            train_side_items=len(train_side),
         )
-        if len(snapshot.data.reward) == 0:  # e.g. only ties so far: nothing a reward model can learn
+        # E.g. only ties so far, or only feedback on judge-side and held-out prompts: nothing the policy's
+        # reward model can learn (and no earlier round can have trained one).
+        if len(train_side) == 0:
             record = dataclasses.replace(record, status="skipped")
         else:
             try:
-                record = self._train_and_publish(record, snapshot.data, plan, round_dir)
+                record = self._train_and_publish(record, snapshot, plan, round_dir)
             except RoundAbandoned:
                 raise
             except Exception as exc:
@@ -233,35 +253,39 @@ class TrainingLoop:
         """The plan of round `number`: the one an interrupted run of it left, or a new one, written first."""
         path = round_dir / RoundPlan.FILE
         if path.is_file():
-            return RoundPlan.read(path)
+            try:
+                return RoundPlan.read(path)
+            except KeyError:
+                _log("round.plan_outdated", round=number)  # an older trainer's: the round starts over
         shutil.rmtree(round_dir, ignore_errors=True)  # a round that crashed before writing its plan
+        ppo_prompts, gate_prompts = self.round_prompts(number)
         plan = RoundPlan(
             id=uuid.uuid4().hex,
             feedback_ids=self.store.training_snapshot().feedback_ids,
-            prompts=self.ppo_prompts(number),
+            prompts=tuple(ppo_prompts),
+            gate_prompts=tuple(gate_prompts),
             parent=self.registry.latest().name,
         )
         plan.write(path)
         return plan
 
     def _train_and_publish(
-        self, record: RoundRecord, data: TrainingData, plan: RoundPlan, round_dir: Path
+        self, record: RoundRecord, snapshot: TrainingSnapshot, plan: RoundPlan, round_dir: Path
     ) -> RoundRecord:
         parent = self.registry.get(plan.parent)
         source = f"trainer-round-{plan.id}"
+        record = dataclasses.replace(
+            record, parent_version=parent.name, reward_model_dir=round_dir / "reward_model"
+        )
         published = self.registry.find(source)
         if published is not None:  # killed after publishing, before recording: announce it again, record it
-            round_metrics = published.manifest["metrics"]
+            round_metrics, reasons = published.manifest["metrics"], published.manifest.get("gate", [])
         else:
-            round_metrics = self._train(record, data, plan, round_dir, parent)
+            round_metrics, reasons = self._train(record, snapshot, plan, round_dir, parent)
             if not round_metrics["eval/passed"]:
-                _log("policy.rejected", round=record.round, parent=parent.name, metrics=round_metrics)
+                _log("policy.rejected", round=record.round, parent=parent.name, gate=reasons)
                 return dataclasses.replace(
-                    record,
-                    status="rejected",
-                    parent_version=parent.name,
-                    reward_model_dir=round_dir / "reward_model",
-                    metrics=round_metrics,
+                    record, status="rejected", metrics=round_metrics, error="\n".join(reasons)
                 )
         version = publish_policy(
             round_dir / "adapter",
@@ -270,92 +294,149 @@ class TrainingLoop:
             settings=self.settings,
             parent=parent.name,
             metrics=round_metrics,
+            gate=reasons,
             source=source,
         )
         metrics.show_round(round_metrics, version.number)
-        _log("policy.published", round=record.round, version=version.name, parent=parent.name)
-        return dataclasses.replace(
-            record,
-            parent_version=parent.name,
-            version=version.name,
-            reward_model_dir=round_dir / "reward_model",
-            metrics=round_metrics,
-        )
+        _log("policy.published", round=record.round, version=version.name, parent=parent.name, gate=reasons)
+        return dataclasses.replace(record, version=version.name, metrics=round_metrics)
 
     def _train(
-        self, record: RoundRecord, data: TrainingData, plan: RoundPlan, round_dir: Path, parent: PolicyVersion
-    ) -> dict[str, float]:
-        """The round's reward model, then PPO from `parent`; returns the round's metrics."""
+        self, record: RoundRecord, snapshot: TrainingSnapshot, plan: RoundPlan, round_dir: Path,
+        parent: PolicyVersion,
+    ) -> tuple[dict[str, float], list[str]]:  # fmt: skip
+        """The round's reward models, then PPO from `parent` and the gate; the round's metrics and the
+        gate's reasons."""
         settings = self.settings
-        reward_model_dir, adapter_dir = round_dir / "reward_model", round_dir / "adapter"
+        reward_model_dir, judge_dir = round_dir / "reward_model", round_dir / "judge_model"
+        adapter_dir = round_dir / "adapter"
         previous_reward_model = self.store.last_reward_model_dir()
         if previous_reward_model is not None and not previous_reward_model.is_dir():
-            previous_reward_model = None  # the work dir was cleared: start a fresh reward model
+            previous_reward_model = None  # the work dir was cleared: start fresh reward models
+        previous_judge = previous_reward_model and previous_reward_model.parent / "judge_model"
+        if previous_judge is not None and not previous_judge.is_dir():
+            previous_judge = None  # that round had no judge-side feedback yet
+        new, seen = split_dataset(snapshot.new_data.reward), split_dataset(snapshot.seen_data.reward)
+        heldout = split_dataset(snapshot.data.reward)[Side.HELDOUT]
 
-        if (reward_model_dir / REWARD_MODEL_META).is_file():  # written last: this round's RM is complete
-            rm_metrics = json.loads((reward_model_dir / REWARD_MODEL_META).read_text())["metrics"]
-            _log("reward_model.kept", round=record.round, metrics=rm_metrics)
-        else:
-            shutil.rmtree(reward_model_dir, ignore_errors=True)
-            _log("reward_model.started", round=record.round, init_from=previous_reward_model)
-            rm_metrics = self.learners.train_reward_model(
-                settings.base_model,
-                data.reward,
-                reward_model_dir,
-                reward_model_config(settings),
-                init_from=previous_reward_model,
-            )
-            _log("reward_model.finished", round=record.round, metrics=rm_metrics)
-        metrics.show_step("rm", rm_metrics)
+        rm_metrics = self._reward_model(
+            "rm", record.round, reward_model_dir, new[Side.TRAIN], seen[Side.TRAIN], heldout,
+            previous_reward_model,
+        )  # fmt: skip
+        judge_metrics = self._reward_model(
+            "judge", record.round, judge_dir, new[Side.JUDGE], seen[Side.JUDGE], heldout, previous_judge
+        )
+        round_metrics = {
+            **{f"reward_model/{name}": value for name, value in rm_metrics.items()},
+            **{f"judge/{name}": value for name, value in (judge_metrics or {}).items()},
+        }
         if self.stop.is_set():
             raise RoundAbandoned
 
+        config = eval_config(settings)
+        validated, judge_reason = (
+            judge_check(judge_metrics, config) if judge_metrics is not None
+            else (False, "fail judge: no judge-side feedback to train one on yet")
+        )  # fmt: skip
+        if not validated:  # the gate would reject whatever PPO made: skip PPO
+            _log("ppo.skipped", round=record.round, reason=judge_reason)
+            return {**round_metrics, "eval/passed": 0.0}, [judge_reason, "info ppo: not run"]
+
         _log("ppo.started", round=record.round, parent=parent.name, prompts=len(plan.prompts))
-        config = ppo_config(settings, record.round)
+        policy_config = ppo_config(settings, record.round)
         if self.rollout is None:  # a vLLM engine starts in about 20 s: once per process, not per round
             # Every version descends from the SFT adapter (when set) or from a new adapter of lora_r.
-            rank = adapter_rank(settings.sft_adapter) if settings.sft_adapter else config.lora_r
-            self.rollout = self.learners.make_rollout(config, settings.base_model, rank)
+            rank = adapter_rank(settings.sft_adapter) if settings.sft_adapter else policy_config.lora_r
+            self.rollout = self.learners.make_rollout(policy_config, settings.base_model, rank)
         ppo_metrics = self.learners.train_ppo(
             settings.base_model,
             reward_model_dir,
             list(plan.prompts),
             adapter_dir,
-            config,
+            policy_config,
             init_adapter=parent.path,
             reference_adapter=settings.sft_adapter,
             ptx_texts=ptx_texts(
-                settings.base_model, data.demonstrations, settings.ptx_dialogues, settings.seed + record.round
-            ),
+                settings.base_model, snapshot.data.demonstrations, settings.ptx_dialogues,
+                settings.seed + record.round,
+            ),  # fmt: skip
             on_step=lambda step_metrics: self._on_ppo_step(record.round, step_metrics),
             checkpoint_dir=round_dir / "ppo_checkpoints",
             rollout=self.rollout,
         )
 
-        # The gate: the new policy against its parent, on held-out prompts, scored by this round's RM.
-        eval_metrics = self.learners.evaluate(
+        # The gate: the new policy against its parent, on judge-side prompts, scored by the judge.
+        gate = self.learners.evaluate(
             settings.base_model,
-            reward_model_dir,
             adapter_dir,
             parent.path,
-            eval_config(settings),
-            config,
+            list(plan.gate_prompts),
+            judge_dir=judge_dir,
+            policy_reward_model_dir=reward_model_dir,
+            config=config,
+            policy_config=policy_config,
             reference_adapter=settings.sft_adapter,
             rollout=self.rollout,
         )
-        _log("evaluation.finished", round=record.round, metrics=eval_metrics)
-        metrics.show_step("eval", eval_metrics)
+        _log("evaluation.finished", round=record.round, metrics=gate.metrics, gate=gate.reasons)
+        metrics.show_step("eval", gate.metrics)
         return {
-            **{f"reward_model/{name}": value for name, value in rm_metrics.items()},
+            **round_metrics,
             **{f"ppo/{name}": value for name, value in ppo_metrics.items()},
-            **{f"eval/{name}": value for name, value in eval_metrics.items()},
-        }
+            **{f"eval/{name}": value for name, value in gate.metrics.items()},
+        }, gate.reasons
 
-    def ppo_prompts(self, round_number: int) -> list[Prompt]:
-        """What users asked, then corpus prompts so that a few users' prompts do not narrow the policy."""
-        users = self.store.user_prompts(self.settings.user_prompts)
-        corpus = sample_prompts(self.settings.corpus_prompts, seed=self.settings.seed + round_number)
-        return list(dict.fromkeys(users + [prompt_from_messages(p) for p in corpus]))
+    def _reward_model(
+        self, stage: str, round_number: int, out_dir: Path, new: RewardDataset, seen: RewardDataset,
+        heldout: RewardDataset, previous: Path | None,
+    ) -> dict[str, float] | None:  # fmt: skip
+        """This round's reward model of one side of the split in `out_dir`, and its metrics: kept from an
+        interrupted run of the round; else `previous` refreshed on the side's new feedback and a replay
+        of its old; `previous` itself when nothing is new; a full retrain without a previous model; None
+        when the side has no feedback at all."""
+        if (out_dir / REWARD_MODEL_META).is_file():  # written last: this round's model is complete
+            rm_metrics = reward_model_metrics(out_dir)
+            _log(f"{stage}.kept", round=round_number, metrics=rm_metrics)
+        elif previous is not None and len(new) == 0:
+            shutil.rmtree(out_dir, ignore_errors=True)
+            staging = out_dir.with_name(out_dir.name + ".tmp")
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.copytree(previous, staging)
+            staging.rename(out_dir)  # whole or absent, like a trained one
+            rm_metrics = reward_model_metrics(out_dir)
+            _log(f"{stage}.unchanged", round=round_number, copied_from=previous)
+        elif len(new) + len(seen) == 0:
+            return None
+        else:
+            if previous is None and len(new) == 0:
+                new, seen = seen, RewardDataset()  # a full retrain on what there is
+            shutil.rmtree(out_dir, ignore_errors=True)
+            _log(f"{stage}.started", round=round_number, init_from=previous, new=len(new), replay=len(seen),
+                 heldout=len(heldout))  # fmt: skip
+            rm_metrics = self.learners.train_reward_model(
+                self.settings.base_model, new, out_dir, reward_model_config(self.settings),
+                init_from=previous, replay=seen, heldout=heldout,
+            )  # fmt: skip
+            _log(f"{stage}.finished", round=round_number, metrics=rm_metrics)
+        metrics.show_step(stage, rm_metrics)
+        return rm_metrics
+
+    def round_prompts(self, round_number: int) -> tuple[list[Prompt], list[Prompt]]:
+        """PPO's prompts and the gate's, from different sides of the split. Each: what users asked, most
+        recent first, then corpus prompts, so that a few users' prompts do not narrow the policy (PPO, a
+        new draw each round) and rounds are judged on a common set (the gate, the same draw each round)."""
+        settings, config = self.settings, eval_config(self.settings)
+        users = self.store.user_prompts(settings.user_prompts)
+        ppo = mixed(
+            on_side(users, Side.TRAIN),
+            corpus_prompts(Side.TRAIN, settings.corpus_prompts, seed=settings.seed + round_number),
+        )
+        gate = mixed(
+            on_side(users, Side.JUDGE)[: config.user_prompts],
+            corpus_prompts(Side.JUDGE, config.prompts, seed=config.eval_seed),
+            limit=config.prompts,
+        )
+        return ppo, gate
 
     def _on_ppo_step(self, round_number: int, step_metrics: dict[str, float]) -> None:
         _log("ppo.step", round=round_number, metrics=step_metrics)

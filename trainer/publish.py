@@ -21,9 +21,13 @@ def publish_policy(
     settings: SharedSettings,
     parent: str,
     metrics: dict[str, float],
+    gate: list[str],
     source: str,
 ) -> PolicyVersion:
     """Publish `adapter_dir` as the next version and return it once the broker acknowledged the PolicyEvent.
+
+    `metrics` are the round's figures and `gate` the evaluation gate's reasons (trainer.evaluate); both
+    go into the version's manifest.
 
     The registry comes first so that serving never hears of a version it cannot load. Publishing again
     from the same `source` (a round resumed after a crash between the two steps) finds the version
@@ -31,8 +35,9 @@ def publish_policy(
     fails the version still exists; the next round builds on it and announces its own successor.
     """
     version = registry.publish(
-        adapter_dir, base_model=str(settings.base_model), parent=parent, metrics=metrics, source=source
-    )
+        adapter_dir, base_model=str(settings.base_model), parent=parent, metrics=metrics, gate=gate,
+        source=source,
+    )  # fmt: skip
     event = PolicyEvent(version=version.name, base_model=str(settings.base_model), metrics=metrics)
     producer.send(settings.policy_topic, key=version.name, value=event).get(timeout=ANNOUNCE_TIMEOUT_S)
     return version

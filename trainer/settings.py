@@ -83,15 +83,15 @@ class TrainerSettings(SharedSettings):
         "first round and kept) or 'hf' (transformers' generate); unset: PPOConfig's default, vllm.",
     )
     eval_prompts: int | None = Field(
-        None, ge=1, description="Held-out prompts the evaluation gate samples (unset: EvalConfig default)."
+        None, ge=1, description="Judge-side prompts the evaluation gate asks (unset: EvalConfig default, 64)."
     )
     eval_max_reward_drop_se: float | None = Field(
-        None, description="The gate rejects a policy whose reward is below its parent's by more than this "
-        "many standard errors (unset: EvalConfig default, 3).",
+        None, description="The gate rejects a policy whose judge reward is below its parent's by more than "
+        "this many clustered standard errors (unset: EvalConfig default, 3).",
     )
     eval_max_kl: float | None = Field(
         None, gt=0, description="The gate rejects a policy further than this from the reference, in nats per "
-        "answer (unset: EvalConfig default, 20).",
+        "answer (unset: EvalConfig default, 10).",
     )
     sft_adapter: Path | None = Field(
         None,

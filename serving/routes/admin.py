@@ -24,6 +24,11 @@ class PolicyState(BaseModel):
     canary: CanaryState | None
     versions: list[str]
     rolled_back: list[str]
+    gates: dict[str, list[str]] = Field(
+        description="Each version's evaluation-gate reasons, from its manifest: one line per check "
+        "('pass ...', 'fail ...', 'info ...') with its figures. Versions published without the gate are "
+        "left out."
+    )
 
 
 class ActivatePolicy(BaseModel):
@@ -50,6 +55,7 @@ async def get_policy(policies: PoliciesDep) -> PolicyState:
                                      figures=trial.figures()),
         versions=[p.name for p in versions],
         rolled_back=[p.name for p in versions if p.rolled_back],
+        gates={p.name: p.manifest["gate"] for p in versions if p.manifest.get("gate")},
     )
 
 

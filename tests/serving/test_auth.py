@@ -45,7 +45,8 @@ def test_rollback_through_admin(client, settings, tmp_path):
     publish_fake_adapter(registry, tmp_path)
     assert client.post("/v1/admin/policy", json={"version": "v1"}).json()["current"] == "v1"
     assert client.post("/v1/admin/policy", json={"version": "v0"}).json() == {
-        "current": "v0", "candidate": None, "canary": None, "versions": ["v0", "v1"], "rolled_back": []}
+        "current": "v0", "candidate": None, "canary": None, "versions": ["v0", "v1"], "rolled_back": [],
+        "gates": {}}
     response = client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 1})
     assert response.headers["x-policy-version"] == "v0"
     assert client.post("/v1/admin/policy", json={"version": "v9"}).status_code == 404

@@ -209,19 +209,23 @@ def test_ppo_raises_the_rate_of_answers_the_hidden_preference_likes(base_model_d
     print(figures)
 
     # The evaluation gate passes the trained policy over its parent (the base) and rejects the base as a
-    # successor of the trained policy; a KL bound below the trained policy's KL rejects it too.
+    # successor of the trained policy; a KL bound below the trained policy's KL rejects it too. The reward
+    # model is its own judge here (tests/trainer/test_gate.py has an independent one).
     untrained = tmp_path / "untrained"
     load_policy(base_model_dir, config).save_pretrained(untrained)
-    gate_config = EvalConfig(prompts=96)
-    forward = evaluate_candidate(base_model_dir, rm_dir, tmp_path / "adapter", None, gate_config, config)
-    backward = evaluate_candidate(base_model_dir, rm_dir, untrained, tmp_path / "adapter", gate_config, config)
-    tight = evaluate_candidate(base_model_dir, rm_dir, tmp_path / "adapter", None,
-                               dataclasses.replace(gate_config, max_kl=forward["kl"] / 2), config)  # fmt: skip
-    gate = f"gate: forward {forward}, backward {backward}"
-    assert forward["passed"] == 1.0 and forward["reward_gain"] > 3 * forward["reward_gain_se"], gate
-    assert backward["passed"] == 0.0 and backward["reward_gain"] < 0, gate
-    assert tight["passed"] == 0.0 and tight["reward_gain"] == forward["reward_gain"], gate
-    print(gate)
+    gate_config = EvalConfig(max_new_tokens=config.max_new_tokens)
+    gate = dict(judge_dir=rm_dir, policy_reward_model_dir=rm_dir, policy_config=config)
+    adapter = tmp_path / "adapter"
+    prompts = held_out_prompts
+    forward = evaluate_candidate(base_model_dir, adapter, None, prompts, config=gate_config, **gate)
+    backward = evaluate_candidate(base_model_dir, untrained, adapter, prompts, config=gate_config, **gate)
+    tight_config = dataclasses.replace(gate_config, max_kl=forward.metrics["kl"] / 2)
+    tight = evaluate_candidate(base_model_dir, adapter, None, prompts, config=tight_config, **gate)
+    figures = f"gate: forward {forward.reasons}, backward {backward.reasons}"
+    assert forward.passed and forward.metrics["judge_gain"] > 3 * forward.metrics["judge_gain_se"], figures
+    assert not backward.passed and backward.metrics["judge_gain"] < 0, figures
+    assert not tight.passed and tight.metrics["judge_gain"] == forward.metrics["judge_gain"], figures
+    print(figures)
 
 
 class Killed(Exception):
