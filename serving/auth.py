@@ -35,6 +35,11 @@ async def require_admin_key(request: Request) -> None:
                        type="permission_error", code="admin_key_required")
 
 
+def is_admin(request: Request) -> bool:
+    """Whether a request carries the admin key (an operator's, when one is set)."""
+    return _matches(_bearer(request), _admin(request))
+
+
 def _admin(request: Request) -> list[str]:
     key = request.app.state.settings.admin_key
     return [key] if key else []

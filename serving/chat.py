@@ -52,7 +52,13 @@ class PreparedChat:
     prompt_token_ids: list[int]
     options: SamplingOptions
     user_hash: str | None
+    evidence: bool  # routed by serving, not pinned nor an operator's: counts for the canary
     ab_policies: list[PolicyVersion] | None = None  # A/B: choice i comes from ab_policies[i]
+
+    @property
+    def versions(self) -> list[str]:
+        """The version that writes each choice."""
+        return [p.name for p in self.ab_policies] if self.ab_policies else [self.policy.name] * self.options.n
 
 
 def hash_user(user: str | None) -> str | None:
@@ -79,8 +85,9 @@ class ChatService:
         self._index = index
         self._max_n = max_n
 
-    def prepare(self, request: ChatCompletionRequest) -> PreparedChat:
-        """Check the request against this server's limits; raise APIError (4xx) on any violation."""
+    def prepare(self, request: ChatCompletionRequest, operator: bool = False) -> PreparedChat:
+        """Check the request against this server's limits; raise APIError (4xx) on any violation.
+        `operator`: sent with the admin key, so no evidence about a canary."""
         if request.n > self._max_n:
             raise bad_request(f"n must be at most {self._max_n}", param="n")
         user_hash = hash_user(request.user)
@@ -119,6 +126,7 @@ class ChatService:
             prompt_token_ids=prompt_token_ids,
             options=options,
             user_hash=user_hash,
+            evidence=not operator and self._policies.routes(request.model),
             ab_policies=ab_policies,
         )
 
@@ -189,14 +197,13 @@ class ChatService:
             metrics.IN_FLIGHT.dec()
 
     def _observe(self, chat: PreparedChat, failed: bool) -> None:
-        for name in {p.name for p in chat.ab_policies or [chat.policy]}:
-            self._policies.observe_request(name, failed)
+        if chat.evidence:
+            self._policies.observe_request(chat.completion_id, chat.versions, failed)
 
     def _finished(self, chat: PreparedChat, transcript: _Transcript) -> None:
         metrics.GENERATED_TOKENS.labels(chat.policy.name).inc(sum(transcript.tokens))
         self._observe(chat, failed=False)
-        versions = [p.name for p in chat.ab_policies] if chat.ab_policies else [chat.policy.name] * chat.options.n
-        self._index.add(chat.completion_id, versions)
+        self._index.add(chat.completion_id, chat.versions)
         o = chat.options
         self._events.log_completion(
             CompletionEvent(

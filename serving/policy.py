@@ -12,12 +12,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from common.kafka import ensure_topics, make_consumer
 from common.registry import PROMOTED, PolicyRegistry, PolicyVersion
 from common.settings import SharedSettings
-from feedback import PolicyEvent
+from feedback import Feedback, PolicyEvent
 from serving import metrics
 from serving.canary import CanaryConfig, CanaryTrial, Verdict
 from serving.engine import EngineClient
@@ -109,19 +109,27 @@ class PolicyManager:
                 await self.conclude(verdict, of=trial)
 
     async def conclude(self, verdict: Verdict, of: CanaryTrial | None = None) -> None:
-        """Record the verdict on the running canary (if it is still trial `of`) in the registry, apply it
-        here, and announce it to the other replicas. A failed announcement is logged: the registry has the
-        verdict for every later start."""
+        """Record the verdict on the running canary in the registry, apply it here, and announce it to the
+        other replicas. A failed announcement is logged: the registry has the verdict for every later start.
+
+        With `of`, the verdict is the evidence's on trial `of`: it applies only while that trial runs, and
+        only if no other replica recorded one first (that one stands: the first verdict is final). Without
+        it, an operator's verdict, it replaces any other."""
         async with self._lock:
             trial = self.trial
             if trial is None or (of is not None and trial is not of):
                 return
+            if of is not None:
+                recorded = await asyncio.to_thread(self._registry.get, trial.canary.name)
+                if recorded.verdict is not None:  # its announcement is on the way; nothing to add to it
+                    first = recorded.verdict["verdict"]
+                    log.info("canary %s: another replica's verdict stands (%s)", trial.canary.name, first)
+                    await self._settle(recorded, first)
+                    return
             figures = trial.figures()
             await asyncio.to_thread(self._registry.record_verdict, trial.canary.name, verdict.verdict,
                                     verdict.reason, figures)
-            self._end_trial()
-            if verdict.verdict == PROMOTED:
-                await self._switch(trial.canary)
+            await self._settle(trial.canary, verdict.verdict)
             metrics.CANARY_VERDICTS.labels(verdict.verdict).inc()
             log.warning("canary %s %s: %s", trial.canary.name, verdict.verdict.replace("_", " "), verdict.reason)
         event = PolicyEvent(version=trial.canary.name, base_model=trial.canary.manifest.get("base_model", ""),
@@ -138,14 +146,12 @@ class PolicyManager:
             return
         async with self._lock:
             if self.trial is not None and self.trial.canary.name == event.version:
-                self._end_trial()
-                if event.action == PROMOTED:
-                    await self._switch(self._lookup(event.version, param="version"))
+                await self._settle(self.trial.canary, event.action)
 
     def resolve(self, model: str | None, user_hash: str | None = None) -> PolicyVersion:
         """The version a request's `model` field asks for: the served name (the current version, or the
         canary for its share of the requests), or `<name>@<version>` to pin one. Raises UnknownPolicy."""
-        if model is None or model == self.served_model_name:
+        if self.routes(model):
             trial = self.trial
             return trial.canary if trial is not None and trial.takes(user_hash) else self.current
         name, _, version = model.partition("@")
@@ -153,6 +159,11 @@ class PolicyManager:
             raise UnknownPolicy(f"model {model!r} does not exist; this server serves {self.served_model_name!r}",
                                 param="model")
         return self._lookup(version, param="model")
+
+    def routes(self, model: str | None) -> bool:
+        """Whether a request's `model` leaves the version to serving (the canary's share, and evidence about
+        it), rather than pinning one."""
+        return model is None or model == self.served_model_name
 
     def ab_pair(self, policy: PolicyVersion) -> list[PolicyVersion]:
         """The versions an A/B request for `policy` compares: it and the candidate; without a candidate, the
@@ -164,17 +175,15 @@ class PolicyManager:
             return [trial.baseline, trial.canary]
         return [policy, policy]
 
-    def observe_choice(self, preferred: str, other: str) -> None:
+    def observe_request(self, completion_id: str, versions: Sequence[str], failed: bool) -> None:
+        """A request serving routed (see `routes`), not an operator's: evidence for the canary."""
         if self.trial is not None:
-            self.trial.observe_choice(preferred, other)
+            self.trial.observe_request(completion_id, versions, failed)
 
-    def observe_request(self, version: str, failed: bool) -> None:
+    def observe_feedback(self, feedback: Feedback, user_hash: str | None) -> None:
+        """Feedback on an answer; it counts for the canary only on answers its trial routed."""
         if self.trial is not None:
-            self.trial.observe_request(version, failed)
-
-    def observe_rating(self, version: str, approved: bool) -> None:
-        if self.trial is not None:
-            self.trial.observe_rating(version, approved)
+            self.trial.observe_feedback(feedback, user_hash)
 
     def versions(self) -> list[PolicyVersion]:
         return self._registry.list()
@@ -196,6 +205,12 @@ class PolicyManager:
         metrics.POLICY_SWITCHES.inc()
         log.info("serving policy %s (was %s)", policy.name, previous.name)
         return policy
+
+    async def _settle(self, canary: PolicyVersion, verdict: str) -> None:
+        """End the running trial of `canary` with `verdict`: serve it from now on if promoted."""
+        self._end_trial()
+        if verdict == PROMOTED:
+            await self._switch(canary)
 
     def _end_trial(self) -> None:
         self.trial = None

@@ -2,7 +2,6 @@ from fastapi import APIRouter
 
 from feedback import FeedbackEvent, referenced_choices
 from serving import metrics
-from serving.canary import approval, preferred_first
 from serving.deps import CompletionIndexDep, EventsDep, PoliciesDep
 from serving.errors import APIError, bad_request, not_found
 from serving.event_log import EventLogUnavailable
@@ -20,7 +19,6 @@ async def create_feedback(
     """Thumbs, 1-7 ratings, corrections, pairwise choices or rankings about answers this server gave.
     Answered once Kafka has the event: 202 means it will reach the trainer."""
     feedback = body.root
-    authors = []
     for ref in referenced_choices(feedback):
         versions = index.versions(ref.completion_id)
         if versions is None:
@@ -29,15 +27,11 @@ async def create_feedback(
         if ref.choice_index >= len(versions):
             raise bad_request(f"completion {ref.completion_id!r} has {len(versions)} choice(s); "
                               f"choice_index {ref.choice_index} does not exist", param="choice_index")
-        authors.append(versions[ref.choice_index])
     event = FeedbackEvent(feedback=feedback)
     try:
         await events.record_feedback(event)
     except EventLogUnavailable:
         raise APIError(503, "feedback could not be stored right now; retry", type="service_unavailable") from None
     metrics.FEEDBACK.labels(feedback.type).inc()
-    if (approved := approval(feedback)) is not None:
-        policies.observe_rating(authors[0], approved)
-    if (order := preferred_first(feedback)) is not None:
-        policies.observe_choice(authors[order[0]], authors[order[1]])
+    policies.observe_feedback(feedback, event.user_hash)
     return FeedbackAccepted(id=event.event_id)
