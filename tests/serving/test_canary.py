@@ -252,11 +252,11 @@ def test_the_promotion_test_waits_for_its_planned_precision_and_is_taken_once():
     feed(equal, "v1", ups=70, downs=30)  # 100 a side at 70%: a standard error of 0.064, not yet 0.037
     feed(equal, "v0", ups=70, downs=30)
     assert equal.verdict() is None
-    feed(equal, "v1", ups=175, downs=75)  # 350 a side: 0.036
+    feed(equal, "v1", ups=175, downs=75)  # 350 a side: 0.035
     feed(equal, "v0", ups=175, downs=75)
     assert equal.verdict().verdict == PROMOTED
     # 60% against 70% at 350 a side: not a clear enough difference for the rollback test (log likelihood
-    # ratio 2.0), but the bound, -0.10 - 1.645 * 0.036 = -0.159, does not exclude "worse by 10 points".
+    # ratio 2.0), but the bound, -0.099 - 1.645 * 0.036 = -0.158, does not exclude "worse by 10 points".
     worse = trial(min_requests=0)
     feed(worse, "v1", ups=210, downs=140)
     feed(worse, "v0", ups=245, downs=105)
