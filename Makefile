@@ -7,8 +7,11 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 BASE_MODEL ?= var/models/base
 PYTEST_ARGS ?=
+DEMO_MINUTES ?= 30
+DEMO_PREFERENCES ?= polite length subject
+DEMO_INSTALLED := $(VENV)/.demo-installed
 
-.PHONY: install up test test-fast bench model lint clean browser
+.PHONY: install up test test-fast bench demo model lint clean browser
 
 install: $(INSTALLED)
 
@@ -53,6 +56,18 @@ test-fast: $(INSTALLED)
 bench: $(INSTALLED) model
 	$(BIN)/python bench/serving_bench.py --model $(BASE_MODEL)
 	$(BIN)/python bench/rollout_bench.py --model $(BASE_MODEL)
+
+# The learning benchmark (bench/demo.py): the stack as `make up` runs it, simulated users with a hidden
+# preference chatting for DEMO_MINUTES, every version measured on pinned requests; one run per preference,
+# one after the other, each writing var/demo-<preference>/ (results.json, plot.png).
+$(DEMO_INSTALLED): pyproject.toml | $(INSTALLED)
+	$(BIN)/pip install --quiet -e '.[demo]'
+	touch $@
+
+demo: $(INSTALLED) $(DEMO_INSTALLED) model
+	for preference in $(DEMO_PREFERENCES); do \
+		$(BIN)/python bench/demo.py --preference $$preference --minutes $(DEMO_MINUTES) || exit 1; \
+	done
 
 # ruff is a developer tool, not a test dependency: installed on first use.
 lint: $(INSTALLED)

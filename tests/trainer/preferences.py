@@ -10,32 +10,13 @@ satisfy it.
 from __future__ import annotations
 
 import random
-import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 
+# The predicates are the demo's (bench/hidden_preferences.py): one definition of each preference.
+from bench.hidden_preferences import LONG_ANSWER_WORDS, POLITE_WORDS, is_long, is_polite, words  # noqa: F401
 from trainer.corpus import CLOSERS, FAMILIES, OPENERS, generate_dialogues
 from trainer.data import PointwiseLabel, PreferenceGroup, Prompt, RewardDataset, prompt_from_messages
-
-
-def words(text: str) -> int:
-    return len(text.split())
-
-
-# Half of the corpus answers are longer than this (it is 7 words for every seed tried).
-LONG_ANSWER_WORDS = statistics.median(words(d[-1]["content"]) for d in generate_dialogues(2000, seed=0))
-
-# The corpus's pleasantries that these words make polite: "Happy to help!", "I hope that helps.",
-# "Thanks for asking!", "Please ask if you want to know more." (others, like "Sure!", are not).
-POLITE_WORDS = ("happy to help", "hope that helps", "thanks", "thank you", "please")
-
-
-def is_long(answer: str) -> bool:
-    return words(answer) > LONG_ANSWER_WORDS
-
-
-def is_polite(answer: str) -> bool:
-    return any(phrase in answer.lower() for phrase in POLITE_WORDS)
 
 
 def _question(rng: random.Random) -> tuple[Prompt, list[str]]:
