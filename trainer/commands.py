@@ -32,6 +32,7 @@ from trainer.loop import JsonLines, ptx_texts
 from trainer.ppo import PPOConfig, train_ppo
 from trainer.reward_model import RewardModelConfig, train_reward_model
 from trainer.sft import SFTConfig, train_sft
+from trainer.split import Side, split_dataset
 from trainer.store import FeedbackStore, TrainingData
 
 log = logging.getLogger("trainer.commands")
@@ -109,14 +110,23 @@ def sft(args: argparse.Namespace) -> None:
 
 
 def rm(args: argparse.Namespace) -> None:
-    """A reward model on the store's feedback (--store) and comparison files (--data); reports held-out
-    pairwise accuracy."""
+    """A reward model on the store's feedback (--store) and comparison files (--data), split by prompt as
+    the loop splits it (trainer.split): trained on the train and judge sides (there is no gate here to keep
+    a judge for), measured on the held-out side, which it never trains on."""
     _start(args)
     data = _store_data(args.store).reward
     for path in args.data:
         data.groups += load_comparisons(path).groups
+    sides = split_dataset(data)
     config = with_overrides(RewardModelConfig(), args.overrides)
-    result = train_reward_model(args.base_model, data, args.out, config, init_from=args.init_from)
+    result = train_reward_model(
+        args.base_model,
+        sides[Side.TRAIN] + sides[Side.JUDGE],
+        args.out,
+        config,
+        init_from=args.init_from,
+        heldout=sides[Side.HELDOUT],
+    )
     _finished("rm", result, args.out)
 
 

@@ -40,8 +40,9 @@ def read_jsonl(path: Path) -> Iterator[dict]:
 
 @dataclass(frozen=True)
 class PreferenceGroup:
-    """Every (chosen, rejected) pair collected for one prompt, kept together as one batch element:
-    InstructGPT trains on all K-choose-2 pairs of a ranking at once to avoid overfitting to a prompt."""
+    """The (chosen, rejected) pairs of one piece of feedback on one prompt (one pair, or a ranking's
+    K-choose-2), kept together as one batch element: InstructGPT trains on all pairs of a ranking at once
+    to avoid overfitting to a prompt."""
 
     prompt: Prompt
     pairs: tuple[tuple[str, str], ...]
@@ -72,6 +73,13 @@ class RewardDataset:
     def __len__(self) -> int:
         return sum(len(g.pairs) for g in self.groups) + len(self.pointwise)
 
+    def __add__(self, other: RewardDataset) -> RewardDataset:
+        return RewardDataset(self.groups + other.groups, self.pointwise + other.pointwise)
+
+    def elements(self) -> list[PreferenceGroup | PointwiseLabel]:
+        """What the reward model trains on, one batch element each: the groups, then the labels."""
+        return [*self.groups, *self.pointwise]
+
 
 def load_demonstrations(path: Path) -> list[Demonstration]:
     """{"prompt": ..., "answer": "..."} per line (trainer.data.prompt_from_json reads the prompt)."""
@@ -79,11 +87,17 @@ def load_demonstrations(path: Path) -> list[Demonstration]:
 
 
 def load_comparisons(path: Path) -> RewardDataset:
-    """{"prompt": ..., "chosen": "...", "rejected": "..."} per line; pairs of a prompt form one group."""
-    pairs: dict[Prompt, list[tuple[str, str]]] = {}
-    for row in read_jsonl(path):
-        pairs.setdefault(prompt_from_json(row["prompt"]), []).append((row["chosen"], row["rejected"]))
-    return RewardDataset(groups=[PreferenceGroup(prompt, tuple(p)) for prompt, p in pairs.items()])
+    """{"prompt": ..., "chosen": "...", "rejected": "..."} per line; each distinct line is one group of one
+    pair (a line is one comparison: a repeated line is counted once, as repeated feedback is, and a line
+    whose two answers are the same text teaches nothing and is skipped)."""
+    pairs = {
+        (prompt_from_json(row["prompt"]), row["chosen"], row["rejected"]): None
+        for row in read_jsonl(path)
+        if row["chosen"] != row["rejected"]
+    }
+    return RewardDataset(
+        groups=[PreferenceGroup(prompt, ((chosen, rejected),)) for prompt, chosen, rejected in pairs]
+    )
 
 
 def load_prompts(path: Path) -> list[Prompt]:

@@ -1,9 +1,14 @@
 """The reward model: the base model's trunk with LoRA, and a linear head reading the last token.
 
 InstructGPT's RM is the SFT model with its unembedding replaced by a scalar output, trained on all
-K-choose-2 comparisons of a prompt as one batch element, loss = -mean log sigmoid(r(x, y_w) - r(x, y_l)).
+K-choose-2 comparisons of a ranking as one batch element, loss = -mean log sigmoid(r(x, y_w) - r(x, y_l)).
 Here the trunk gets a LoRA adapter (the base stays frozen and shared) and the head is trained fully.
 Thumbs and ratings add a pointwise term: sigmoid(r(x, y)) is read as the probability that y is good.
+How the two terms are weighed: RewardModelConfig.pointwise_weight.
+
+The caller splits the data (trainer.split): `train_reward_model` trains on all it is given and only
+evaluates `heldout`. Continuing from an earlier model (`init_from`), it trains on the new data plus a
+sample of the old (`replay`), so a round's cost follows what is new, not everything ever stored.
 
 Under torchrun the training runs data-parallel (trainer.distributed), like SFT and PPO.
 
@@ -13,12 +18,13 @@ A reward model directory holds `adapter/` (the trunk's PEFT adapter), `head.safe
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import random
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -32,6 +38,7 @@ from trainer.adapters import ATTENTION_PROJECTIONS, lora_config
 from trainer.data import PointwiseLabel, PreferenceGroup, Prompt, RewardDataset
 from trainer.distributed import init as init_distributed
 from trainer.distributed import training_device, weights_on_rank
+from trainer.intervals import wilson_interval
 from trainer.tokens import load_tokenizer, pad_right, sample_ids
 
 log = logging.getLogger(__name__)
@@ -47,10 +54,10 @@ class RewardModelConfig:
     # fresh head need far larger steps (1e-4 to 1e-3 is the usual LoRA range).
     lr: float = 5e-4
     # Passes over the data. InstructGPT trains one epoch (more overfits); feedback arrives here in small
-    # amounts, and each refresh (init_from) sees the old data again, so a few passes per refresh.
+    # amounts, so a few passes, over the new data and its replay sample when continuing (init_from).
     epochs: int = 3
-    # Batch elements per optimizer step; one element is a whole PreferenceGroup (all its pairs, as in
-    # InstructGPT, whose batch was 64 prompts) or one PointwiseLabel.
+    # Batch elements per optimizer step; one element is a whole PreferenceGroup (all pairs of one piece of
+    # feedback, as in InstructGPT, whose batch was 64 rankings) or one PointwiseLabel.
     batch_size: int = 8
     # LoRA rank, scale and dropout on the trunk (Hu et al. 2021; alpha = 2r is the common choice).
     lora_r: int = 8
@@ -60,38 +67,46 @@ class RewardModelConfig:
     lora_target_modules: tuple[str, ...] = ATTENTION_PROJECTIONS
     # Longest (prompt + response) in tokens; longer samples lose their beginning.
     max_length: int = 512
-    # Fraction of prompts held out to measure accuracy. Membership is a hash of the prompt (of prompt and
-    # answer for pointwise labels), so an item stays on its side across refreshes and never leaks.
-    heldout_fraction: float = 0.1
-    # Weight of the pointwise (binary cross-entropy on thumbs/ratings) loss beside the pairwise loss.
+    # The loss of a batch is (sum of its groups' losses + pointwise_weight * sum of its labels' losses)
+    # / its number of elements, where a group's loss is the mean -log sigmoid(r_w - r_l) over its pairs and
+    # a label's is the binary cross-entropy of sigmoid(r) against its target. At 1.0 every piece of feedback
+    # weighs the same, a thumb as much as a ranking of K answers, whatever the mix of kinds in a batch.
     pointwise_weight: float = 1.0
+    # Continuing from an earlier model (init_from): old elements (`replay`) drawn at random per new one, so
+    # 1.0 trains on as many old elements as new. Without the old data the model would drift towards the
+    # latest feedback only; with all of it, a round would cost as much as a full retrain.
+    replay_ratio: float = 1.0
+    # Fewest held-out comparisons (pairs, or pointwise labels other than neutral) for an accuracy to be
+    # reported; below it the metrics say heldout_enough = 0. At 20 and an accuracy of 0.8 the 95% interval
+    # is already +-0.17 wide (Wilson); fewer tell next to nothing.
+    min_heldout: int = 20
     # Gradient-norm clip and AdamW weight decay (common fine-tuning settings).
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
-    # Seeds the head initialisation, the shuffling and the held-out hash.
+    # Seeds the head initialisation, the replay sample and the shuffling.
     seed: int = 0
 
 
 # --- Losses -------------------------------------------------------------------------------------------
 
 
-def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
-    """-log sigmoid(r_w - r_l), averaged over each group's pairs, then over groups (InstructGPT eq. 1).
+def pairwise_loss(
+    chosen: torch.Tensor, rejected: torch.Tensor, group: torch.Tensor, n_groups: int
+) -> torch.Tensor:
+    """[n_groups] losses: each group's mean of -log sigmoid(r_w - r_l) over its pairs (InstructGPT eq. 1).
 
-    chosen/rejected: [n_pairs] rewards; group: [n_pairs] id of the prompt group each pair belongs to, so a
-    prompt ranked over K answers weighs as much as a prompt with a single comparison.
+    chosen/rejected: [n_pairs] rewards; group: [n_pairs] the group (0 to n_groups - 1) each pair belongs to,
+    so that a ranking of K answers weighs as much as a single comparison. Built on the rewards' device.
     """
     per_pair = -F.logsigmoid(chosen - rejected)
-    _, group = torch.unique(group, return_inverse=True)
-    n_groups = int(group.max()) + 1
-    sums = torch.zeros(n_groups, dtype=per_pair.dtype).index_add(0, group, per_pair)
-    counts = torch.zeros(n_groups, dtype=per_pair.dtype).index_add(0, group, torch.ones_like(per_pair))
-    return (sums / counts).mean()
+    sums = per_pair.new_zeros(n_groups).index_add(0, group, per_pair)
+    counts = per_pair.new_zeros(n_groups).index_add(0, group, torch.ones_like(per_pair))
+    return sums / counts.clamp(min=1)
 
 
 def pointwise_loss(rewards: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy of sigmoid(r) against the target probability of being good."""
-    return F.binary_cross_entropy_with_logits(rewards, targets)
+    """[n] losses: binary cross-entropy of sigmoid(r) against the target probability of being good."""
+    return F.binary_cross_entropy_with_logits(rewards, targets, reduction="none")
 
 
 # --- Model --------------------------------------------------------------------------------------------
@@ -186,87 +201,94 @@ class RewardModel(nn.Module):
 # --- Training -----------------------------------------------------------------------------------------
 
 
-def _is_heldout(key: str, config: RewardModelConfig) -> bool:
-    digest = hashlib.sha256(f"{config.seed}:{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < config.heldout_fraction
+Element = PreferenceGroup | PointwiseLabel
 
 
-def _split(data: RewardDataset, config: RewardModelConfig) -> tuple[RewardDataset, RewardDataset]:
-    train, heldout = RewardDataset(), RewardDataset()
-    for group in data.groups:
-        (heldout if _is_heldout(repr(group.prompt), config) else train).groups.append(group)
-    for label in data.pointwise:
-        (heldout if _is_heldout(repr((label.prompt, label.response)), config) else train).pointwise.append(
-            label
-        )
-    if len(train) == 0:  # too little data to spare any: train on everything, measure nothing
-        return data, RewardDataset()
-    return train, heldout
-
-
-def _batch_loss(
-    model: RewardModel,
-    elements: list[PreferenceGroup | PointwiseLabel],
-    pointwise_weight: float,
-    shares: tuple[float, float] = (1.0, 1.0),
+def batch_loss(
+    model: RewardModel, elements: list[Element], pointwise_weight: float, batch_size: int | None = None
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Loss of one batch (each distinct answer is scored once) and the rewards it was computed from.
+    """The loss of a batch (RewardModelConfig.pointwise_weight says how) and the rewards it came from.
 
-    `shares` weigh the pairwise and the pointwise term: a data-parallel rank's share of the whole batch's
-    groups and labels, so that the ranks' gradients sum to the whole batch's.
+    Each distinct answer is scored once; every tensor is built on the model's device. `batch_size`: the
+    whole batch's number of elements when `elements` are one data-parallel rank's share of it, so that the
+    ranks' gradients sum to the whole batch's (default: len(elements)).
     """
     samples: dict[tuple[Prompt, str], int] = {}
 
     def index(prompt: Prompt, response: str) -> int:
         return samples.setdefault((prompt, response), len(samples))
 
-    chosen, rejected, group, points, targets = [], [], [], [], []
-    for element_id, element in enumerate(elements):
-        if isinstance(element, PreferenceGroup):
-            for winner, loser in element.pairs:
-                chosen.append(index(element.prompt, winner))
-                rejected.append(index(element.prompt, loser))
-                group.append(element_id)
-        else:
-            points.append(index(element.prompt, element.response))
-            targets.append(element.target)
+    groups = [e for e in elements if isinstance(e, PreferenceGroup)]
+    labels = [e for e in elements if isinstance(e, PointwiseLabel)]
+    chosen, rejected, group_of_pair = [], [], []
+    for group_id, group in enumerate(groups):
+        for winner, loser in group.pairs:
+            chosen.append(index(group.prompt, winner))
+            rejected.append(index(group.prompt, loser))
+            group_of_pair.append(group_id)
+    points = [index(label.prompt, label.response) for label in labels]
     prompts, responses = zip(*samples, strict=True)
     rewards = model(*model.encode(list(prompts), list(responses)))
+    on_device = partial(torch.tensor, device=rewards.device)
 
     out = {}
-    loss = rewards.new_zeros(())
+    total = rewards.new_zeros(())
     if chosen:
-        out["chosen"], out["rejected"] = rewards[chosen], rewards[rejected]
-        loss = loss + shares[0] * pairwise_loss(
-            out["chosen"], out["rejected"], torch.tensor(group, device=rewards.device)
-        )
+        out["chosen"], out["rejected"] = rewards[on_device(chosen)], rewards[on_device(rejected)]
+        losses = pairwise_loss(out["chosen"], out["rejected"], on_device(group_of_pair), len(groups))
+        total = total + losses.sum()
     if points:
-        out["pointwise"], out["targets"] = (
-            rewards[points],
-            torch.tensor(targets, dtype=rewards.dtype, device=rewards.device),
-        )
-        loss = loss + shares[1] * pointwise_weight * pointwise_loss(out["pointwise"], out["targets"])
-    return loss, out
+        out["pointwise"] = rewards[on_device(points)]
+        out["targets"] = on_device([label.target for label in labels], dtype=rewards.dtype)
+        total = total + pointwise_weight * pointwise_loss(out["pointwise"], out["targets"]).sum()
+    return total / (batch_size or len(elements)), out
 
 
 @torch.no_grad()
-def _accuracy(model: RewardModel, data: RewardDataset, batch_size: int) -> dict[str, float]:
-    """Held-out pairwise accuracy (r_w > r_l) and pointwise accuracy (sign of r vs. target above 1/2)."""
+def heldout_metrics(
+    model: RewardModel, data: RewardDataset, batch_size: int, min_heldout: int
+) -> dict[str, float]:
+    """Accuracy on held-out feedback, per kind: pairwise (r_w > r_l, per pair) and pointwise (r > 0 iff
+    the target is above 1/2; neutral labels have no right side and are not counted).
+
+    Each kind reports its count `heldout_<kind>_n` and, from `min_heldout` comparisons on, its accuracy with
+    a Wilson 95% interval (`_low`, `_high`; it treats pairs of one ranking as independent, which they are
+    not quite). `heldout_enough` is 1.0 when some accuracy is reported, 0.0 when there is too little
+    held-out data to report any.
+    """
     model.eval()
-    elements = [*data.groups, *data.pointwise]
-    right = {"pairwise": 0, "pointwise": 0}
-    total = {"pairwise": 0, "pointwise": 0}
+    right, total = Counter(), Counter()
+    elements = data.elements()
     for start in range(0, len(elements), batch_size):
-        _, out = _batch_loss(model, elements[start : start + batch_size], 0.0)
+        _, out = batch_loss(model, elements[start : start + batch_size], 0.0)
         if "chosen" in out:
             right["pairwise"] += int((out["chosen"] > out["rejected"]).sum())
             total["pairwise"] += len(out["chosen"])
         if "pointwise" in out:
-            decided = out["targets"] != 0.5  # a neutral label has no right side
+            decided = out["targets"] != 0.5
             right["pointwise"] += int(((out["pointwise"] > 0) == (out["targets"] > 0.5))[decided].sum())
             total["pointwise"] += int(decided.sum())
     model.train()
-    return {f"heldout_{kind}_accuracy": right[kind] / total[kind] for kind in total if total[kind]}
+    metrics = {"heldout_enough": 0.0}
+    for kind in ("pairwise", "pointwise"):
+        metrics[f"heldout_{kind}_n"] = float(total[kind])
+        if total[kind] >= min_heldout:
+            low, high = wilson_interval(right[kind], total[kind])
+            metrics[f"heldout_{kind}_accuracy"] = right[kind] / total[kind]
+            metrics[f"heldout_{kind}_low"], metrics[f"heldout_{kind}_high"] = low, high
+            metrics["heldout_enough"] = 1.0
+    return metrics
+
+
+def training_elements(
+    data: RewardDataset, replay: RewardDataset, config: RewardModelConfig, incremental: bool
+) -> list[Element]:
+    """All of `data`, and all of `replay` (a full retrain) or, when `incremental`, a random sample of
+    replay_ratio elements of it per element of `data`."""
+    new, old = data.elements(), replay.elements()
+    if incremental:
+        old = random.Random(config.seed).sample(old, min(len(old), round(config.replay_ratio * len(new))))
+    return new + old
 
 
 def train_reward_model(
@@ -275,56 +297,64 @@ def train_reward_model(
     out_dir: Path,
     config: RewardModelConfig,
     init_from: Path | None = None,
+    *,
+    replay: RewardDataset | None = None,
+    heldout: RewardDataset | None = None,
 ) -> dict[str, float]:
-    """Train (or continue training) a reward model on `data`, save it to `out_dir`, return its metrics."""
-    if len(data) == 0:
+    """Train a reward model on all of `data`, save it to `out_dir`, return its metrics.
+
+    `replay` is data earlier rounds trained on: continuing from `init_from`, a sample of it is mixed in
+    (RewardModelConfig.replay_ratio); starting afresh, all of it is trained on. `heldout` is only
+    evaluated (heldout_metrics).
+    """
+    if config.epochs < 1 or config.min_heldout < 1 or config.replay_ratio < 0:
+        raise ValueError(f"need epochs >= 1, min_heldout >= 1 and replay_ratio >= 0: {config}")
+    replay, heldout = replay or RewardDataset(), heldout or RewardDataset()
+    elements = training_elements(data, replay, config, incremental=init_from is not None)
+    if not elements:
         raise ValueError("no preference pairs or pointwise labels to train the reward model on")
-    if config.epochs < 1:
-        raise ValueError(f"epochs must be at least 1, got {config.epochs}")
     world = init_distributed()
     started = time.monotonic()
-    train, heldout = _split(data, config)
     model = RewardModel.create(Path(base_model), config, init_from).train()
     world.fully_shard(model.trunk)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     rng = random.Random(config.seed)
-    elements: list[PreferenceGroup | PointwiseLabel] = [*train.groups, *train.pointwise]
 
     for epoch in range(config.epochs):
         rng.shuffle(elements)
         losses = []
         for start in range(0, len(elements), config.batch_size):
-            # This rank's elements of the batch, weighted by their share of its groups and of its labels.
             batch = elements[start : start + config.batch_size]
-            own = world.shard(batch)
-            shares = tuple(
-                sum(isinstance(e, kind) for e in own) / max(1, sum(isinstance(e, kind) for e in batch))
-                for kind in (PreferenceGroup, PointwiseLabel)
-            )
+            own, weight = world.shard(batch), 1.0
             if not own:  # a last, short batch can leave a rank without elements: it runs one weighted zero
-                own, shares = batch[:1], (0.0, 0.0)  # (every rank runs the same forwards: FSDP needs that)
-            loss, _ = _batch_loss(model, own, config.pointwise_weight, shares)
+                own, weight = batch[:1], 0.0  # (every rank runs the same forwards: FSDP needs that)
+            loss, _ = batch_loss(model, own, config.pointwise_weight, len(batch))
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (weight * loss).backward()
             world.sum_gradients(params)
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
-            losses.append(world.sum(loss.detach()).item())
+            losses.append(world.sum(weight * loss.detach()).item())
         log.info("reward model epoch %d/%d: loss %.4f", epoch + 1, config.epochs, sum(losses) / len(losses))
 
+    groups = [e for e in elements if isinstance(e, PreferenceGroup)]
     metrics = {
         "train_loss": sum(losses) / len(losses),  # mean over the last epoch
-        **_accuracy(model, heldout, config.batch_size),
-        "train_groups": float(len(train.groups)),
-        "train_pairs": float(sum(len(g.pairs) for g in train.groups)),
-        "train_pointwise": float(len(train.pointwise)),
-        "heldout_groups": float(len(heldout.groups)),
-        "heldout_pairs": float(sum(len(g.pairs) for g in heldout.groups)),
-        "heldout_pointwise": float(len(heldout.pointwise)),
+        **heldout_metrics(model, heldout, config.batch_size, config.min_heldout),
+        "train_new": float(len(data.elements())),
+        "train_replayed": float(len(elements) - len(data.elements())),
+        "train_groups": float(len(groups)),
+        "train_pairs": float(sum(len(g.pairs) for g in groups)),
+        "train_pointwise": float(len(elements) - len(groups)),
         "weights_on_rank": weights_on_rank(model),
         "seconds": time.monotonic() - started,
     }
+    if not metrics["heldout_enough"]:
+        log.info(
+            "reward model: not enough held-out data for an accuracy (%d pairs, %d labels; %d needed)",
+            metrics["heldout_pairwise_n"], metrics["heldout_pointwise_n"], config.min_heldout,
+        )
     if world.is_main:
         model.save(Path(out_dir), config, metrics)
     world.barrier()

@@ -20,7 +20,7 @@ from collections.abc import Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from itertools import combinations
+from itertools import combinations, groupby
 from pathlib import Path
 from typing import NamedTuple
 
@@ -134,7 +134,9 @@ class StoredCounts:
 class TrainingSnapshot:
     """Training data from all ready feedback, and which of it no round has trained on yet."""
 
-    data: TrainingData
+    data: TrainingData  # new_data and seen_data together
+    new_data: TrainingData  # from feedback no round has trained on
+    seen_data: TrainingData  # from feedback some earlier round trained on (what incremental rounds replay)
     feedback_total: int
     new_feedback_ids: tuple[str, ...]
     feedback_ids: tuple[str, ...]  # all of it, in arrival order: a resumed round reads the same again
@@ -297,10 +299,15 @@ class FeedbackStore:
             rows = [row for row in rows if row[0] in wanted]
         feedback = [FeedbackEvent.model_validate_json(payload) for _, payload, _ in rows]
         completions = [CompletionEvent.model_validate_json(payload) for (payload,) in completion_rows]
+        opinions = _opinions(feedback, {c.completion_id: c for c in completions})
+        new_ids = tuple(event_id for event_id, _, first_round in rows if first_round is None)
+        new = set(new_ids)
         return TrainingSnapshot(
-            data=to_training_data(feedback, {c.completion_id: c for c in completions}),
+            data=_training_data(opinions),
+            new_data=_training_data(o for o in opinions if o.event_id in new),
+            seen_data=_training_data(o for o in opinions if o.event_id not in new),
             feedback_total=len(rows),
-            new_feedback_ids=tuple(event_id for event_id, _, first_round in rows if first_round is None),
+            new_feedback_ids=new_ids,
             feedback_ids=tuple(event_id for event_id, _, _ in rows),
         )
 
@@ -373,55 +380,101 @@ def likert_target(score: int) -> float:
     return (score - 1) / 6
 
 
+class _Pair(NamedTuple):
+    prompt: Prompt
+    chosen: str
+    rejected: str
+
+
+class _Kept(NamedTuple):
+    """What one piece of feedback says about one thing (an answer, a pair of answers, a demonstration)."""
+
+    order: tuple[float, int]  # received_at, then arrival: of two opinions on one thing the later is kept
+    place: int  # where in its event it came from (a ranking's pairs keep their order)
+    event_id: str
+    item: PointwiseLabel | _Pair | Demonstration | None  # None: a tie, which replaces an earlier preference
+
+
+def _opinions(feedback: Iterable[FeedbackEvent], completions: Mapping[str, CompletionEvent]) -> list[_Kept]:
+    """Each event's opinions, less those a later event of the same user replaced, in arrival order.
+
+    The user is FeedbackEvent.user_hash; without one, every anonymous opinion on a thing is one user's
+    (a thing rated 50 times without a user weighs once). Things are keyed by their text and prompt.
+    """
+    kept: dict[tuple, _Kept] = {}
+
+    def keep(key: tuple, opinion: _Kept) -> None:
+        if key not in kept or opinion.order > kept[key].order:  # same event: its first placement stays
+            kept[key] = opinion
+
+    for position, event in enumerate(feedback):
+        item, user = event.feedback, event.user_hash
+        answers = [_answer(ref, completions) for ref in referenced_choices(item)]
+        if None in answers or len({answer.prompt for answer in answers}) != 1:
+            continue
+        prompt, order = answers[0].prompt, (event.received_at.timestamp(), position)
+        target: float | None = None
+        comparisons: list[tuple[_Answer, _Answer]] = []  # (better, worse)
+        match item:
+            case ThumbsFeedback():
+                target = 1.0 if item.rating == "up" else 0.0
+            case RatingFeedback():
+                target = likert_target(item.score)
+            case PairwiseFeedback() if item.preference == "tie":
+                key = ("pair", user, prompt, frozenset(answer.text for answer in answers))
+                keep(key, _Kept(order, 0, event.event_id, None))
+            case PairwiseFeedback():
+                a, b = answers
+                comparisons.append((a, b) if item.preference == "a" else (b, a))
+            case RankingFeedback():
+                comparisons += list(combinations(answers, 2))  # `ranked` is best first
+            case CorrectionFeedback():
+                key = ("demonstration", user, prompt, item.text)
+                keep(key, _Kept(order, 0, event.event_id, Demonstration(prompt, item.text)))
+                comparisons.append((_Answer(prompt, item.text), answers[0]))
+        if target is not None:  # thumbs and ratings both rate one answer: the latest of either stands
+            label = PointwiseLabel(prompt, answers[0].text, target)
+            keep(("rating", user, prompt, label.response), _Kept(order, 0, event.event_id, label))
+        for place, (better, worse) in enumerate(comparisons):
+            if better.text != worse.text:  # a pair of identical texts teaches nothing
+                key = ("pair", user, prompt, frozenset((better.text, worse.text)))
+                keep(key, _Kept(order, place, event.event_id, _Pair(prompt, better.text, worse.text)))
+    return sorted(kept.values(), key=lambda opinion: (opinion.order, opinion.place))
+
+
+def _training_data(opinions: Iterable[_Kept]) -> TrainingData:
+    """Labels and demonstrations as they are; the pairs of one event form one PreferenceGroup; ties add
+    nothing."""
+    reward, demonstrations = RewardDataset(), []
+    for _, event_opinions in groupby(opinions, key=lambda opinion: opinion.event_id):
+        pairs: list[_Pair] = []
+        for opinion in event_opinions:
+            match opinion.item:
+                case PointwiseLabel() as label:
+                    reward.pointwise.append(label)
+                case Demonstration() as demonstration:
+                    demonstrations.append(demonstration)
+                case _Pair() as pair:
+                    pairs.append(pair)
+        if pairs:
+            group = tuple((pair.chosen, pair.rejected) for pair in pairs)
+            reward.groups.append(PreferenceGroup(pairs[0].prompt, group))
+    return TrainingData(reward, demonstrations)
+
+
 def to_training_data(
     feedback: Iterable[FeedbackEvent], completions: Mapping[str, CompletionEvent]
 ) -> TrainingData:
-    """Turn feedback into reward-model data and demonstrations.
+    """Turn feedback into reward-model data and demonstrations, each opinion counted once.
 
-    thumbs -> pointwise label (up 1, down 0); rating -> pointwise label, plus pairs between answers to
-    the same prompt with different mean scores; pairwise -> one pair (a tie gives none); ranking -> all
-    K-choose-2 pairs; correction -> demonstration, plus the correction preferred over the answer it
-    corrects. All pairs for one prompt form one PreferenceGroup. Feedback naming a missing completion or
-    choice, or comparing answers to different prompts, is skipped.
+    thumbs -> pointwise label (up 1, down 0); rating -> pointwise label (1-7 scaled to 0-1), never also
+    pairs between rated answers (that would count one rating twice); pairwise -> one pair (a tie gives
+    none); ranking -> its K-choose-2 pairs; correction -> demonstration, plus the correction preferred over
+    the answer it corrects. Every event's pairs form one PreferenceGroup (events are not merged by prompt).
+
+    One opinion per user and thing, the latest (received_at) kept: per answer for thumbs and ratings alike,
+    per pair of answers (either order) for comparisons, so repeating feedback does not add weight and a
+    changed mind (a tie included) replaces the old opinion. Feedback naming a missing completion or choice,
+    or comparing answers to different prompts, is skipped.
     """
-    pairs: dict[Prompt, list[tuple[str, str]]] = {}
-    pointwise: list[PointwiseLabel] = []
-    demonstrations: list[Demonstration] = []
-    scores: dict[Prompt, dict[ChoiceRef, list[int]]] = {}
-
-    def prefer(prompt: Prompt, chosen: str, rejected: str) -> None:
-        if chosen != rejected:  # a pair of identical texts teaches nothing
-            pairs.setdefault(prompt, []).append((chosen, rejected))
-
-    for event in feedback:
-        item = event.feedback
-        refs = referenced_choices(item)
-        answers = [_answer(ref, completions) for ref in refs]
-        if None in answers or len({answer.prompt for answer in answers}) != 1:
-            continue
-        prompt = answers[0].prompt
-        match item:
-            case ThumbsFeedback():
-                pointwise.append(PointwiseLabel(prompt, answers[0].text, 1.0 if item.rating == "up" else 0.0))
-            case RatingFeedback():
-                pointwise.append(PointwiseLabel(prompt, answers[0].text, likert_target(item.score)))
-                scores.setdefault(prompt, {}).setdefault(refs[0], []).append(item.score)
-            case PairwiseFeedback():
-                if item.preference != "tie":
-                    a, b = answers
-                    prefer(prompt, *((a.text, b.text) if item.preference == "a" else (b.text, a.text)))
-            case RankingFeedback():
-                for better, worse in combinations(answers, 2):  # `ranked` is best first
-                    prefer(prompt, better.text, worse.text)
-            case CorrectionFeedback():
-                demonstrations.append(Demonstration(prompt, item.text))
-                prefer(prompt, item.text, answers[0].text)
-
-    for prompt, by_answer in scores.items():
-        means = [(sum(s) / len(s), _answer(ref, completions).text) for ref, s in by_answer.items()]
-        for (score_1, text_1), (score_2, text_2) in combinations(means, 2):
-            if score_1 != score_2:
-                prefer(prompt, *((text_1, text_2) if score_1 > score_2 else (text_2, text_1)))
-
-    groups = [PreferenceGroup(prompt, tuple(prompt_pairs)) for prompt, prompt_pairs in pairs.items()]
-    return TrainingData(RewardDataset(groups=groups, pointwise=pointwise), demonstrations)
+    return _training_data(_opinions(feedback, completions))

@@ -10,6 +10,7 @@ import torch
 
 from tests.trainer.preferences import LENGTH, WORDING, HiddenPreference
 from trainer.reward_model import RewardModelConfig, train_reward_model
+from trainer.split import Side, split_dataset
 
 
 @contextmanager
@@ -31,10 +32,13 @@ def _one_torch_thread():
 
 
 def _train_rm(preference: HiddenPreference, base_model_dir: Path, tmp_path_factory) -> tuple[Path, dict]:
+    """Trained on the user's feedback (seed 1) of the train and judge sides of the split, measured on the
+    held-out side (here no gate needs a judge of its own)."""
     out = tmp_path_factory.mktemp(f"{preference.name}-rm")
+    sides = split_dataset(preference.feedback(seed=1))
     with one_torch_thread():
-        config = RewardModelConfig(heldout_fraction=0.2)
-        metrics = train_reward_model(base_model_dir, preference.feedback(seed=1), out, config)
+        metrics = train_reward_model(base_model_dir, sides[Side.TRAIN] + sides[Side.JUDGE], out,
+                                     RewardModelConfig(), heldout=sides[Side.HELDOUT])  # fmt: skip
     return out, metrics
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -44,8 +44,10 @@ def completion(completion_id: str, answers: list[str], messages: list[dict] = QU
     )
 
 
-def feedback(**fields) -> FeedbackEvent:
-    return FeedbackEvent.model_validate({"feedback": fields})
+def feedback(user: str | None = None, at: int | None = None, **fields) -> FeedbackEvent:
+    """A feedback event of `user` (a user hash), received `at` seconds after 2025-01-01 if given."""
+    times = {} if at is None else {"received_at": datetime(2025, 1, 1, tzinfo=UTC) + timedelta(seconds=at)}
+    return FeedbackEvent.model_validate({"feedback": fields, "user_hash": user, **times})
 
 
 def ref(completion_id: str, choice_index: int = 0) -> dict:
@@ -58,6 +60,7 @@ COMPLETIONS = {
         completion("c1", ["White.", "Snow is white.", "Blue."]),
         completion("c2", ["It is white."]),  # same prompt as c1, another request
         completion("c3", ["4.", "Five."], OTHER_QUESTION),
+        completion("c4", ["Snow is white."]),  # the same text as c1's choice 1, another request
     ]
 }
 
@@ -80,19 +83,52 @@ def test_thumbs_become_pointwise_labels():
     assert data.reward.groups == [] and data.demonstrations == []
 
 
-def test_ratings_become_scaled_labels_and_pairs_between_differently_scored_answers():
+def test_ratings_become_scaled_labels_only_and_the_latest_rating_of_a_user_wins():
     data = to_training_data(
         [
-            feedback(type="rating", score=7, **ref("c1", 0)),
-            feedback(type="rating", score=3, **ref("c1", 2)),
-            feedback(type="rating", score=7, **ref("c2", 0)),  # same prompt, another completion
-            feedback(type="rating", score=5, **ref("c1", 2)),  # a second opinion: "Blue." averages 4
+            feedback(type="rating", score=7, user="u1", **ref("c1", 0)),
+            feedback(type="rating", score=3, user="u1", **ref("c1", 2)),
+            feedback(type="rating", score=7, user="u1", **ref("c2", 0)),
+            feedback(type="rating", score=5, user="u1", **ref("c1", 2)),  # u1 changes its mind on "Blue."
+            feedback(type="rating", score=1, user="u2", **ref("c1", 2)),  # another user: its own opinion
         ],
         COMPLETIONS,
     )
-    assert [label.target for label in data.reward.pointwise] == [1.0, 2 / 6, 1.0, 4 / 6]
-    # Means: "White." 7, "Blue." 4, "It is white." 7; equal means give no pair.
-    assert data.reward.groups == [PreferenceGroup(PROMPT, (("White.", "Blue."), ("It is white.", "Blue.")))]
+    # Scores 7, 7, 5 (not 3: replaced) and u2's 1, scaled by (score - 1) / 6; no pairs between rated
+    # answers (a rating counts once, as a label), in the order of the events kept.
+    assert data.reward.pointwise == [
+        PointwiseLabel(PROMPT, "White.", 1.0),
+        PointwiseLabel(PROMPT, "It is white.", 1.0),
+        PointwiseLabel(PROMPT, "Blue.", 4 / 6),
+        PointwiseLabel(PROMPT, "Blue.", 0.0),
+    ]
+    assert data.reward.groups == []
+
+
+def test_an_answer_rated_many_times_weighs_once_and_the_latest_received_wins():
+    events = [feedback(type="thumbs", rating="up", user="u1", at=i, **ref("c1", 1)) for i in range(50)]
+    events.append(feedback(type="rating", score=2, user="u1", at=60, **ref("c1", 1)))  # latest, any kind
+    events.append(feedback(type="thumbs", rating="up", user="u1", at=55, **ref("c1", 1)))  # arrives late
+    # An answer is its prompt and text: c4's choice is the same answer as c1's choice 1.
+    events.append(feedback(type="thumbs", rating="down", user="u1", at=30, **ref("c4", 0)))
+    data = to_training_data(events, COMPLETIONS)
+    assert data.reward.pointwise == [PointwiseLabel(PROMPT, "Snow is white.", 1 / 6)]
+
+
+def test_without_a_user_hash_the_answer_itself_is_the_key():
+    data = to_training_data(
+        [
+            feedback(type="thumbs", rating="up", **ref("c1", 0)),
+            feedback(type="thumbs", rating="down", **ref("c1", 0)),
+            feedback(type="thumbs", rating="up", user="u1", **ref("c1", 0)),
+        ],
+        COMPLETIONS,
+    )
+    # The anonymous "down" replaced the anonymous "up"; u1's opinion is its own.
+    assert data.reward.pointwise == [
+        PointwiseLabel(PROMPT, "White.", 0.0),
+        PointwiseLabel(PROMPT, "White.", 1.0),
+    ]
 
 
 def test_pairwise_gives_one_pair_and_a_tie_none():
@@ -125,7 +161,7 @@ def test_correction_gives_a_demonstration_and_a_pair_over_the_original():
     assert data.reward.groups == [PreferenceGroup(PROMPT, (("Snow is white.", "Blue."),))]
 
 
-def test_pairs_are_grouped_by_prompt_across_kinds():
+def test_each_piece_of_feedback_is_its_own_group_not_merged_by_prompt():
     data = to_training_data(
         [
             feedback(type="pairwise", a=ref("c1", 0), b=ref("c1", 2), preference="a"),
@@ -135,8 +171,35 @@ def test_pairs_are_grouped_by_prompt_across_kinds():
         COMPLETIONS,
     )
     assert data.reward.groups == [
-        PreferenceGroup(PROMPT, (("White.", "Blue."), ("It is white.", "Blue."))),
+        PreferenceGroup(PROMPT, (("White.", "Blue."),)),
         PreferenceGroup(OTHER_PROMPT, (("4.", "Five."),)),
+        PreferenceGroup(PROMPT, (("It is white.", "Blue."),)),
+    ]
+
+
+def test_a_comparison_counts_once_per_user_and_pair_of_answers():
+    data = to_training_data(
+        [
+            # u1 says "White." > "Blue." three times, the third time inside a ranking: counted once, in the
+            # latest event, so the ranking keeps it and the two pairwise events give nothing.
+            feedback(type="pairwise", a=ref("c1", 0), b=ref("c1", 2), preference="a", user="u1", at=1),
+            feedback(type="pairwise", a=ref("c1", 0), b=ref("c1", 2), preference="a", user="u1", at=2),
+            feedback(type="ranking", ranked=[ref("c1", 0), ref("c1", 1), ref("c1", 2)], user="u1", at=3),
+            # u1 then prefers "Blue." to "Snow is white." (either order of a and b is one pair): that pair
+            # leaves the ranking's group and is counted here.
+            feedback(type="pairwise", a=ref("c1", 2), b=ref("c4", 0), preference="a", user="u1", at=4),
+            # u2's identical comparison is another user's: it counts.
+            feedback(type="pairwise", a=ref("c1", 0), b=ref("c1", 2), preference="a", user="u2", at=5),
+            # u3 prefers "4." then calls it a tie: the tie replaces the preference and is no pair itself.
+            feedback(type="pairwise", a=ref("c3", 0), b=ref("c3", 1), preference="a", user="u3", at=6),
+            feedback(type="pairwise", a=ref("c3", 1), b=ref("c3", 0), preference="tie", user="u3", at=7),
+        ],
+        COMPLETIONS,
+    )
+    assert data.reward.groups == [
+        PreferenceGroup(PROMPT, (("White.", "Snow is white."), ("White.", "Blue."))),
+        PreferenceGroup(PROMPT, (("Blue.", "Snow is white."),)),
+        PreferenceGroup(PROMPT, (("White.", "Blue."),)),
     ]
 
 
@@ -232,11 +295,20 @@ def test_rounds_consume_new_feedback_unless_they_fail(store: FeedbackStore):
     assert store.new_feedback_count() == 0
     assert store.last_reward_model_dir() == Path("rounds/2/rm")
 
-    later = feedback(type="thumbs", rating="up", **ref("c1"))
-    store.save_batch(EventBatch(feedback=[later]))
+    # New feedback: a changed mind on c1's answer (anonymous: the answer is the key), and a first opinion.
+    later = [
+        feedback(type="thumbs", rating="down", **ref("c1")),
+        feedback(type="rating", score=7, **ref("c1", 1)),
+    ]
+    store.save_batch(EventBatch(feedback=later))
     snapshot = store.training_snapshot()
-    assert snapshot.new_feedback_ids == (later.event_id,)
-    assert len(snapshot.data.reward.pointwise) == 3  # a round trains on all feedback, old and new
+    assert snapshot.new_feedback_ids == tuple(e.event_id for e in later)
+    c2_down = PointwiseLabel(PROMPT, "It is white.", 0.0)
+    c1_down, c1_7 = PointwiseLabel(PROMPT, "White.", 0.0), PointwiseLabel(PROMPT, "Snow is white.", 1.0)
+    # Seen: the old thumbs less the one the new feedback replaced; all: seen and new.
+    assert snapshot.new_data.reward.pointwise == [c1_down, c1_7]
+    assert snapshot.seen_data.reward.pointwise == [c2_down]
+    assert snapshot.data.reward.pointwise == [c2_down, c1_down, c1_7]
     assert [(r["round"], r["status"], r["feedback_new"]) for r in store.rounds()] == [
         (1, "failed", 2),
         (2, "published", 2),
