@@ -18,10 +18,11 @@ from tests.serving.fakes import FakeEngine, MemoryEventSink
 from tests.trainer.preferences import LENGTH
 from trainer.corpus import generate_dialogues
 from trainer.data import PointwiseLabel, PreferenceGroup, RewardDataset
-from trainer.evaluate import EvalConfig, clustered_gain, evaluate_candidate, judge_check
+from trainer.evaluate import EvalConfig, clustered_gain, evaluate_candidate, judge_check, sample_and_score
 from trainer.ppo import PPOConfig, load_policy, train_ppo
 from trainer.prompts import corpus_prompts
-from trainer.reward_model import RewardModelConfig, train_reward_model
+from trainer.reward_model import RewardModel, RewardModelConfig, train_reward_model
+from trainer.rollout import HFRollout
 from trainer.split import Side, split_dataset
 from trainer.tokens import load_tokenizer
 
@@ -146,11 +147,12 @@ def test_the_gate_rejects_a_policy_its_own_reward_model_likes_and_the_judge_does
     judge_metrics = train_reward_model(base_model_dir, sides[Side.JUDGE], judge, RewardModelConfig(),
                                        heldout=sides[Side.HELDOUT])  # fmt: skip
 
-    # PPO on train-side prompts against the policy's reward model, as a round runs it (hf rollouts, fewer
-    # steps than the learning tests).
+    # PPO on train-side prompts against the policy's reward model, with the shipped defaults (hf rollouts).
+    # Measured (tiny base, 100 s on the shared 2 cores): the policy RM's gain +0.51 (s.e. 0.10), the
+    # judge's -0.055 (clustered s.e. 0.015: rejected at -3.8 s.e.), KL 2.6; long answers 0.395 -> 0.262.
     tokenizer = load_tokenizer(base_model_dir)
     ptx_texts = [tokenizer.apply_chat_template(d, tokenize=False) for d in generate_dialogues(32, seed=5)]
-    config = PPOConfig(steps=12, rollout_batch_size=16, minibatch_size=8, rollout_backend="hf", seed=0)
+    config = PPOConfig(rollout_backend="hf", seed=0)
     history: list[dict] = []
     ppo_prompts = corpus_prompts(Side.TRAIN, 64, seed=0)
     train_ppo(base_model_dir, policy_rm, ppo_prompts, tmp_path / "adapter", config, ptx_texts=ptx_texts,
@@ -170,7 +172,18 @@ def test_the_gate_rejects_a_policy_its_own_reward_model_likes_and_the_judge_does
     tight_config = dataclasses.replace(gate_config, max_kl=forward.metrics["kl"] / 2)
     tight = evaluate_candidate(base_model_dir, ppo_policy, None, prompts, config=tight_config, **gate)
 
+    # What the users themselves would say: the share of answers to the gate's prompts they like.
+    judge_model = RewardModel.load(base_model_dir, judge)
+
+    def liked_share(adapter: Path | None) -> float:
+        policy = load_policy(base_model_dir, config, init_adapter=adapter).eval()
+        texts = sample_and_score(policy, HFRollout(tokenizer), judge_model, prompts, gate_config).texts
+        return sum(map(LENGTH.satisfied, texts)) / len(texts)
+
+    liked = {"base": liked_share(None), "ppo": liked_share(ppo_policy)}
+
     figures = "\n".join([
+        f"long answers (the users' preference): base {liked['base']:.3f}, PPO policy {liked['ppo']:.3f}",
         f"policy RM held-out pairwise accuracy {policy_rm_metrics.get('heldout_pairwise_accuracy')}, judge's "
         f"{judge_metrics.get('heldout_pairwise_accuracy')} (n={judge_metrics.get('heldout_pairwise_n')})",
         f"PPO reward per step {[round(m['reward_mean'], 2) for m in history]}, answer length in tokens "
@@ -181,6 +194,7 @@ def test_the_gate_rejects_a_policy_its_own_reward_model_likes_and_the_judge_does
     ])  # fmt: skip
     print(figures)
     m = forward.metrics
+    assert liked["ppo"] < liked["base"], figures  # the policy did get worse for the users
     assert m["policy_rm_gain"] > 3 * m["policy_rm_gain_se"], figures  # its own reward model likes it
     assert not forward.passed and m["judge_gain"] < -3 * m["judge_gain_se"], figures  # the judge does not
     checks = ["pass judge", "fail judge gain", "pass kl", "info policy reward model gain"]
