@@ -118,6 +118,8 @@ async def run(stack: DemoStack, preference: HiddenPreference, minutes: float, us
             for version in await observer.poll(users_seconds):
                 measurer.queue.put_nowait(version)
             await measurer.queue.join()
+            if measuring.done():
+                measuring.result()  # raises what stopped a measurement
             await observer.poll(time.monotonic() - started)
         finally:
             stop.set()

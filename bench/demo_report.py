@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
+from collections import Counter
 
 from bench.demo_stats import clustered_rate, paired_comparison, proportion
 from bench.hidden_preferences import HiddenPreference
@@ -121,16 +123,28 @@ def _comparison(comparison: dict | None) -> str:
     return f"{comparison['difference']:+.2f} z {comparison['z']:.1f}" if comparison else "-"
 
 
-def _round_lines(trainer: dict) -> list[str]:
-    counts = ", ".join(f"{status} {n:g}" for status, n in sorted(trainer["rounds_by_status"].items())) or "none"
-    lines = [f"trainer rounds ({counts}):"]
-    for r in trainer["rounds"]:
-        stages = {k.removeprefix("time/"): v for k, v in (r.get("metrics") or {}).items() if k.startswith("time/")}
-        lines.append(
-            f"  round {r['round']}: {r['status']}{' -> ' + r['version'] if r['version'] else ''}, {r['seconds']:.0f} s"
-            + (" (" + ", ".join(f"{name} {v:.0f} s" for name, v in stages.items()) + ")" if stages else "")
-            + ("; " + "; ".join(r["gate_failures"]) if r.get("gate_failures") else "")
-        )  # fmt: skip
+def _round_lines(trainer: dict, shown: int = 12) -> list[str]:
+    """Rounds in a few lines: how many of each status, their durations, why the gate rejected them, and
+    each published round with its stage times."""
+    rounds = trainer["rounds"]
+    counts = Counter(r["status"] for r in rounds)
+    prometheus = ", ".join(f"{status} {n:g}" for status, n in sorted(trainer["rounds_by_status"].items()))
+    lines = [f"trainer rounds: {len(rounds)} ({', '.join(f'{s} {n}' for s, n in sorted(counts.items())) or 'none'}; "
+             f"Prometheus: {prometheus or 'none'})"]  # fmt: skip
+    if rounds:
+        seconds = [r["seconds"] for r in rounds]
+        durations = " ".join(f"{s:.0f}" for s in seconds[:shown]) + (" ..." if len(seconds) > shown else "")
+        lines.append(f"  seconds per round: {durations} (median {statistics.median(seconds):.0f}, max {max(seconds):.0f})")
+    failures = Counter(reason.split(":")[0] for r in rounds for reason in r.get("gate_failures", []))
+    if failures:
+        last = next(r["gate_failures"] for r in reversed(rounds) if r.get("gate_failures"))
+        lines.append(f"  gate failures: {', '.join(f'{check} x{n}' for check, n in failures.items())}; "
+                     f"last: {'; '.join(last)}")
+    for r in rounds:
+        if r["version"]:
+            stages = {k.removeprefix("time/"): v for k, v in (r.get("metrics") or {}).items() if k.startswith("time/")}
+            lines.append(f"  round {r['round']} -> {r['version']}: {r['seconds']:.0f} s"
+                         + (" (" + ", ".join(f"{name} {v:.0f} s" for name, v in stages.items()) + ")" if stages else ""))
     return lines
 
 
@@ -155,6 +169,8 @@ def render_summary(results: dict) -> str:
             f"{_comparison(v['vs_parent']):>12}  "
             f"{_number(v['kl']):>5}  {v['status']:12}{_number(v['round_seconds'], 0):>8}"
         )  # fmt: skip
+    lines.append("(preference: pinned, held-out questions where it is at stake; thumbs-up: users' thumbs on "
+                 "every question they asked)")
     result = results["verdict"]
     lines.append("")
     if result["newest_promoted"] is None:

@@ -158,8 +158,10 @@ def test_summary_fits_one_screen_and_the_plot_is_written(tmp_path):
     summary = render_summary(results)
     assert len(summary.splitlines()) <= 24 and max(map(len, summary.splitlines())) <= 160
     assert "MEETS" in summary and "rolled back" in summary
-    assert "round 1: rejected, 90 s; fail judge" in summary
-    assert "round 2: published -> v2, 80 s (ppo_seconds 60 s)" in summary
+    assert "trainer rounds: 2 (published 1, rejected 1; Prometheus: published 2)" in summary
+    assert "seconds per round: 90 80 (median 85, max 90)" in summary
+    assert "gate failures: fail judge x1; last: fail judge" in summary
+    assert "round 2 -> v2: 80 s (ppo_seconds 60 s)" in summary
     assert "no version was promoted" in render_summary(results_for("canary", gain=0.35))
     pytest.importorskip("matplotlib")  # the demo's optional dependencies (pip install -e '.[demo]')
     plot(results, tmp_path / "plot.png")
