@@ -3,6 +3,10 @@
 Starts the embedded broker (unless KAFKA_BOOTSTRAP_SERVERS names a cluster), the serving API and the
 trainer loop as child processes sharing one environment; Ctrl-C (or SIGTERM) stops all of them, children
 first, then the broker. If any child dies, the rest are stopped too and the exit code says so.
+
+Serving and the trainer share the machine's cores, at the same priority: the trainer's torch runs on one
+thread (TrainerSettings.torch_threads), which keeps its rounds bounded under serving load, where torch's
+one thread per core made a PPO round 8-54x slower (bench/trainer_beside_serving.py, docs/training.md).
 """
 
 from __future__ import annotations

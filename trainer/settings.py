@@ -62,9 +62,11 @@ class TrainerSettings(SharedSettings):
         description="Corpus dialogues in PPO's language-model (ptx) term, beside users' corrections.",
     )
     seed: int = Field(0, description="Seed of a round's corpus sampling; the round number is added to it.")
-    torch_threads: int | None = Field(
-        None, ge=1, description="CPU threads for training (unset: torch's default). 1 is far faster when "
-        "serving shares the same few cores: spinning threads then starve each other.",
+    torch_threads: int = Field(
+        1, ge=1, description="CPU threads of the trainer's torch (its training and, on the CPU, its rollout "
+        "engine). 1 because `make up` puts serving on the same cores: torch's default, one per core, spins "
+        "threads that wait on each other while serving holds a core (measured: a PPO round 8-54x slower, "
+        "idle or under 3 requests/s; docs/training.md). On a host of its own, set the cores it has.",
     )
 
     rm_epochs: int | None = Field(
