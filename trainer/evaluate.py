@@ -193,7 +193,7 @@ def evaluate_candidate(
     floor = -config.max_reward_drop_se * gain_se
     regressed = gain < floor
     too_far = candidate.kl > config.max_kl
-    sample = f"{len(prompts)} judge-side prompts x {n} answers"
+    sample = f"{len(prompts)} prompts x {n} answers"
     reasons = [
         judge_reason,
         f"{'fail' if regressed else 'pass'} judge gain: {gain:+.3f}, clustered s.e. {gain_se:.3f} over"
