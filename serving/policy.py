@@ -57,7 +57,7 @@ class PolicyManager:
         """At start-up, serve the newest promoted version and put a newer one into canary (without a canary:
         serve the newest one not rolled back)."""
         if self._canary.fraction == 0:
-            await self.activate(self._registry.latest().name)
+            await self._promoted_without_canary(await self.activate(self._registry.latest().name))
         else:
             await self.activate(self._registry.latest_promoted().name)
             await self.offer(self._registry.latest().name)
@@ -72,6 +72,7 @@ class PolicyManager:
                 return
             if self._canary.fraction == 0:
                 await self._switch(policy)
+                await self._promoted_without_canary(policy)
                 return
             await self._engine.load_policy(policy)
             if self.trial:
@@ -205,6 +206,13 @@ class PolicyManager:
         metrics.POLICY_SWITCHES.inc()
         log.info("serving policy %s (was %s)", policy.name, previous.name)
         return policy
+
+    async def _promoted_without_canary(self, policy: PolicyVersion) -> None:
+        """Record that `policy` went to all traffic untried: the trainer waits for a verdict on the newest
+        version before its next round (TRAINER_AWAIT_VERDICT_S), and no canary will give one."""
+        if policy.verdict is None and not policy.is_base:
+            await asyncio.to_thread(self._registry.record_verdict, policy.name, PROMOTED,
+                                    "no canary (SERVING_CANARY__FRACTION=0)", {})
 
     async def _settle(self, canary: PolicyVersion, verdict: str) -> None:
         """End the running trial of `canary` with `verdict`: serve it from now on if promoted."""

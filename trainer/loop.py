@@ -133,6 +133,7 @@ def eval_config(settings: TrainerSettings) -> EvalConfig:
         max_new_tokens=settings.ppo_max_new_tokens,  # the gate samples answers as PPO does
         max_reward_drop_se=settings.eval_max_reward_drop_se,
         max_kl=settings.eval_max_kl,
+        require_validated_judge=settings.eval_require_validated_judge,
     )
 
 
@@ -174,6 +175,7 @@ class TrainingLoop:
         self.stop = stop
         self.learners = learners
         self.rollout: RolloutBackend | None = None  # started by the first PPO run, kept across rounds
+        self._awaiting: tuple[str, float] | None = None  # (version, since when) awaiting its canary verdict
 
     def run(self, ingestor: Ingestor) -> None:
         """Round after round until `stop` is set; raises if the ingest thread dies."""
@@ -202,9 +204,20 @@ class TrainingLoop:
             new = self.store.new_feedback_count()
             metrics.NEW_FEEDBACK.set(new)
             waited = time.monotonic() - since
-            if new >= self.settings.min_new_feedback or (new > 0 and waited >= self.settings.max_wait_s):
+            enough = new >= self.settings.min_new_feedback or (new > 0 and waited >= self.settings.max_wait_s)
+            if enough and not self.awaiting_verdict():
                 return True
         return False
+
+    def awaiting_verdict(self) -> bool:
+        """Whether the newest published version is still in serving's canary (see await_verdict_s)."""
+        latest = self.registry.latest()
+        if latest.is_base or latest.verdict is not None:
+            return False
+        if self._awaiting is None or self._awaiting[0] != latest.name:
+            self._awaiting = (latest.name, time.monotonic())
+            _log("round.awaiting_verdict", version=latest.name, at_most_s=self.settings.await_verdict_s)
+        return time.monotonic() - self._awaiting[1] < self.settings.await_verdict_s
 
     def run_round(self) -> RoundRecord:
         """Train on all ready feedback and publish the result; the round is recorded unless abandoned."""

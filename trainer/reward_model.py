@@ -244,12 +244,27 @@ def batch_loss(
     return total / (batch_size or len(elements)), out
 
 
+def pointwise_pairs(labels: list[PointwiseLabel]) -> list[tuple[PointwiseLabel, PointwiseLabel]]:
+    """Disjoint (liked, disliked) pairs of labels on the same prompt: each label in at most one pair."""
+    by_prompt: dict[Prompt, tuple[list[PointwiseLabel], list[PointwiseLabel]]] = {}
+    for label in labels:
+        if label.target != 0.5:
+            liked, disliked = by_prompt.setdefault(label.prompt, ([], []))
+            (liked if label.target > 0.5 else disliked).append(label)
+    return [pair for liked, disliked in by_prompt.values() for pair in zip(liked, disliked)]
+
+
 @torch.no_grad()
 def heldout_metrics(
     model: RewardModel, data: RewardDataset, batch_size: int, min_heldout: int
 ) -> dict[str, float]:
     """Accuracy on held-out feedback, per kind: pairwise (r_w > r_l, per pair) and pointwise (r > 0 iff
     the target is above 1/2; neutral labels have no right side and are not counted).
+
+    A third kind, ranking, asks only whether the model orders answers as users did: the pairwise pairs,
+    plus pairs of thumbs/ratings on one prompt, each label used once (a liked answer against a disliked
+    one, in arrival order). Pointwise accuracy alone can be won by a constant that matches the base rate
+    of thumbs up; ranking cannot, which is why the evaluation gate validates its judge on it.
 
     Each kind reports its count `heldout_<kind>_n` and, from `min_heldout` comparisons on, its accuracy with
     a Wilson 95% interval (`_low`, `_high`; it treats pairs of one ranking as independent, which they are
@@ -268,9 +283,20 @@ def heldout_metrics(
             decided = out["targets"] != 0.5
             right["pointwise"] += int(((out["pointwise"] > 0) == (out["targets"] > 0.5))[decided].sum())
             total["pointwise"] += int(decided.sum())
+    right["ranking"], total["ranking"] = right["pairwise"], total["pairwise"]
+    pairs = pointwise_pairs(data.pointwise)
+    if pairs:
+        labels = [label for pair in pairs for label in pair]  # liked, disliked, liked, ...
+        chunks = [labels[start : start + batch_size] for start in range(0, len(labels), batch_size)]
+        scores = torch.cat([
+            model(*model.encode([label.prompt for label in chunk], [label.response for label in chunk]))
+            for chunk in chunks
+        ])  # fmt: skip
+        right["ranking"] += int((scores[0::2] > scores[1::2]).sum())
+        total["ranking"] += len(pairs)
     model.train()
     metrics = {"heldout_enough": 0.0}
-    for kind in ("pairwise", "pointwise"):
+    for kind in ("pairwise", "pointwise", "ranking"):
         metrics[f"heldout_{kind}_n"] = float(total[kind])
         if total[kind] >= min_heldout:
             low, high = wilson_interval(right[kind], total[kind])

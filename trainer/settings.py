@@ -95,6 +95,16 @@ class TrainerSettings(SharedSettings):
         None, gt=0, description="The gate rejects a policy further than this from the reference, in nats per "
         "answer (unset: EvalConfig default, 10).",
     )
+    eval_require_validated_judge: bool | None = Field(
+        None, description="False lets the gate decide with a judge that held-out feedback has not validated "
+        "(plumbing tests only: its verdict is noise). Unset: EvalConfig default, true.",
+    )
+    await_verdict_s: float = Field(
+        7200.0, ge=0, description="A round waits until serving's canary has decided on the newest published "
+        "version, at most this long: a version published while the last is still in canary would supersede "
+        "it without a verdict, and with rounds faster than canaries nothing would ever be promoted. 0: never "
+        "wait. Versions served without a canary (SERVING_CANARY__FRACTION=0) are recorded as promoted at once.",
+    )
     sft_adapter: Path | None = Field(
         None,
         description="An SFT adapter (`python -m trainer sft`): PPO's reference policy, and the start of the "

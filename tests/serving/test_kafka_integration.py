@@ -86,6 +86,9 @@ def test_without_a_canary_the_follower_switches_to_announced_versions_only_forwa
 
     assert asyncio.run(scenario()) == ["v2"]
     assert engine.loaded == ["v2"]
+    # Served untried, and recorded so: the trainer waits for a verdict on the newest version.
+    assert registry.get("v2").verdict["reason"] == "no canary (SERVING_CANARY__FRACTION=0)"
+    assert registry.get("v2").promoted and registry.get("v1").verdict is None
 
 
 def test_one_replicas_verdict_reaches_the_others(kafka_settings, tmp_path):

@@ -83,24 +83,28 @@ def test_a_clustered_standard_error_needs_two_prompts():
 # --- The judge check ----------------------------------------------------------------------------------
 
 
-def test_the_judge_passes_only_when_its_held_out_accuracy_is_above_chance():
+def test_the_judge_passes_only_when_its_held_out_ranking_accuracy_is_above_chance():
     config = EvalConfig()
-    too_few = {"heldout_enough": 0.0, "heldout_pairwise_n": 12.0}
-    only_labels = {"heldout_enough": 1.0, "heldout_pairwise_n": 0.0, "heldout_pointwise_accuracy": 0.9}
-    chance = {"heldout_enough": 1.0, "heldout_pairwise_n": 30.0, "heldout_pairwise_accuracy": 0.6,
-              "heldout_pairwise_low": 0.42, "heldout_pairwise_high": 0.75}  # fmt: skip
-    good = {**chance, "heldout_pairwise_accuracy": 0.8, "heldout_pairwise_low": 0.63,
-            "heldout_pairwise_high": 0.9}  # fmt: skip
+    too_few = {"heldout_enough": 0.0, "heldout_ranking_n": 12.0}
+    only_pointwise = {"heldout_enough": 1.0, "heldout_ranking_n": 0.0, "heldout_pointwise_accuracy": 0.9}
+    chance = {"heldout_enough": 1.0, "heldout_ranking_n": 30.0, "heldout_ranking_accuracy": 0.6,
+              "heldout_ranking_low": 0.42, "heldout_ranking_high": 0.75}  # fmt: skip
+    good = {**chance, "heldout_ranking_accuracy": 0.8, "heldout_ranking_low": 0.63,
+            "heldout_ranking_high": 0.9}  # fmt: skip
     assert judge_check(too_few, config) == (
         False, "fail judge: 12 held-out comparisons, too few to validate it"
     )  # fmt: skip
-    assert judge_check(only_labels, config)[0] is False  # thumbs alone do not show it can rank answers
+    # Pointwise accuracy can be won by matching the base rate of thumbs up: it does not show ranking.
+    assert judge_check(only_pointwise, config)[0] is False
     assert judge_check(chance, config) == (
-        False, "fail judge: held-out pairwise accuracy 0.60 (95% 0.42-0.75, n=30), lower bound not above 0.5"
+        False, "fail judge: held-out ranking accuracy 0.60 (95% 0.42-0.75, n=30), lower bound not above 0.5"
     )  # fmt: skip
     assert judge_check(good, config) == (
-        True, "pass judge: held-out pairwise accuracy 0.80 (95% 0.63-0.90, n=30)"
+        True, "pass judge: held-out ranking accuracy 0.80 (95% 0.63-0.90, n=30)"
     )  # fmt: skip
+    unrequired = EvalConfig(require_validated_judge=False)
+    assert judge_check(too_few, unrequired)[0] and judge_check(chance, unrequired)[0]
+    assert judge_check(too_few, unrequired)[1].startswith("info judge: 12 held-out comparisons")
 
 
 # --- The reasons on the admin API ---------------------------------------------------------------------
@@ -184,8 +188,8 @@ def test_the_gate_rejects_a_policy_its_own_reward_model_likes_and_the_judge_does
 
     figures = "\n".join([
         f"long answers (the users' preference): base {liked['base']:.3f}, PPO policy {liked['ppo']:.3f}",
-        f"policy RM held-out pairwise accuracy {policy_rm_metrics.get('heldout_pairwise_accuracy')}, judge's "
-        f"{judge_metrics.get('heldout_pairwise_accuracy')} (n={judge_metrics.get('heldout_pairwise_n')})",
+        f"policy RM held-out ranking accuracy {policy_rm_metrics.get('heldout_ranking_accuracy')}, judge's "
+        f"{judge_metrics.get('heldout_ranking_accuracy')} (n={judge_metrics.get('heldout_ranking_n')})",
         f"PPO reward per step {[round(m['reward_mean'], 2) for m in history]}, answer length in tokens "
         f"{[round(m['response_length'], 1) for m in history]}",
         f"PPO policy after the base: {forward.metrics}", *forward.reasons,

@@ -55,10 +55,10 @@ class Killed(BaseException):
     """Stands for the process being killed: no `except Exception` catches it."""
 
 
-VALIDATED = {"train_loss": 0.25, "heldout_enough": 1.0, "heldout_pairwise_n": 40.0,
-             "heldout_pairwise_accuracy": 0.8, "heldout_pairwise_low": 0.65,
-             "heldout_pairwise_high": 0.9}  # fmt: skip
-TOO_FEW = {"train_loss": 0.25, "heldout_enough": 0.0, "heldout_pairwise_n": 3.0}
+VALIDATED = {"train_loss": 0.25, "heldout_enough": 1.0, "heldout_ranking_n": 40.0,
+             "heldout_ranking_accuracy": 0.8, "heldout_ranking_low": 0.65,
+             "heldout_ranking_high": 0.9}  # fmt: skip
+TOO_FEW = {"train_loss": 0.25, "heldout_enough": 0.0, "heldout_ranking_n": 3.0}
 GATE_REASONS = ["pass judge: ...", "pass judge gain: +0.100", "pass kl: 1.00"]
 ROUND_METRICS = {
     **{f"reward_model/{name}": value for name, value in VALIDATED.items()},
@@ -324,7 +324,7 @@ def test_a_round_whose_judge_is_not_validated_is_rejected_before_ppo(settings, s
 
     assert (record.status, record.parent_version) == ("rejected", "v0")
     assert fakes.ppo_calls == fakes.eval_calls == []  # no PPO: the gate could not pass its policy
-    assert record.metrics["eval/passed"] == 0.0 and record.metrics["judge/heldout_pairwise_n"] == 3.0
+    assert record.metrics["eval/passed"] == 0.0 and record.metrics["judge/heldout_ranking_n"] == 3.0
     assert "fail judge: 3 held-out comparisons" in store.rounds()[0]["error"]
     assert store.new_feedback_count() == 0  # both reward models learned it
 
@@ -437,6 +437,31 @@ def test_waiting_for_feedback(settings, store, producer):
     # A dead ingest thread stops the loop.
     with pytest.raises(RuntimeError, match="ingest"):
         loop.wait_for_feedback(SimpleNamespace(error=OSError("disk full")), since=time.monotonic())
+
+
+def test_a_round_waits_for_the_canary_verdict_on_the_newest_version(settings, store, producer):
+    settings = settings.model_copy(update=dict(min_new_feedback=1, check_interval_s=0.02, await_verdict_s=1.5))
+    stop = threading.Event()
+    loop = make_loop(settings, store, producer, FakeLearners(), stop)
+    store_thumbs_up(store, "t1", "c1")
+    assert loop.run_round().version == "v1"  # serving now tries v1 in canary
+    store_thumbs_up(store, "t2")
+    healthy = SimpleNamespace(error=None)
+
+    # Feedback is ready, but v1 has no verdict yet: a new version would supersede its canary.
+    threading.Timer(0.5, stop.set).start()
+    assert loop.wait_for_feedback(healthy, since=time.monotonic()) is False
+    stop.clear()
+    # The verdict arrives: the round starts at once.
+    PolicyRegistry(settings.registry_dir).record_verdict("v1", "promoted", "canary", {})
+    started = time.monotonic()
+    assert loop.wait_for_feedback(healthy, since=started) and time.monotonic() - started < 0.5
+    # A version whose canary never decides holds the trainer back for at most await_verdict_s.
+    loop.run_round()
+    store_thumbs_up(store, "c2")
+    started = time.monotonic()
+    assert loop.wait_for_feedback(healthy, since=started)
+    assert 1.5 <= time.monotonic() - started < 5
 
 
 def test_the_trainer_process_serves_metrics_logs_json_and_stops_on_sigterm(settings, tmp_path):

@@ -23,6 +23,7 @@ from trainer.reward_model import (
     heldout_metrics,
     pairwise_loss,
     pointwise_loss,
+    pointwise_pairs,
     train_reward_model,
     training_elements,
 )
@@ -97,12 +98,27 @@ def test_heldout_accuracy_is_reported_with_its_interval_only_from_min_heldout_co
                    PointwiseLabel(PROMPT, "fine", 0.5)],  # fmt: skip
     )
     few = heldout_metrics(TABLE, data, batch_size=2, min_heldout=5)
-    assert few == {"heldout_enough": 0.0, "heldout_pairwise_n": 4.0, "heldout_pointwise_n": 2.0}
+    assert few == {"heldout_enough": 0.0, "heldout_pairwise_n": 4.0, "heldout_pointwise_n": 2.0,
+                   "heldout_ranking_n": 4.0}  # fmt: skip
     enough = heldout_metrics(TABLE, data, batch_size=2, min_heldout=4)
     low, high = wilson_interval(3, 4)
+    # No thumbs down here, so the ranking kind holds the pairwise pairs alone.
     assert enough == {"heldout_enough": 1.0, "heldout_pairwise_n": 4.0, "heldout_pointwise_n": 2.0,
                       "heldout_pairwise_accuracy": 0.75, "heldout_pairwise_low": low,
-                      "heldout_pairwise_high": high}  # fmt: skip
+                      "heldout_pairwise_high": high, "heldout_ranking_n": 4.0,
+                      "heldout_ranking_accuracy": 0.75, "heldout_ranking_low": low,
+                      "heldout_ranking_high": high}  # fmt: skip
+
+
+def test_heldout_ranking_pairs_liked_and_disliked_answers_of_one_prompt_each_label_once():
+    other = (("user", "Another question?"),)
+    labels = [PointwiseLabel(PROMPT, "poor", 1.0), PointwiseLabel(PROMPT, "fine", 0.0),
+              PointwiseLabel(PROMPT, "best", 0.0), PointwiseLabel(PROMPT, "middle", 0.5),
+              PointwiseLabel(other, "worst", 1.0), PointwiseLabel(other, "middle", 0.0)]  # fmt: skip
+    assert pointwise_pairs(labels) == [(labels[0], labels[1]), (labels[4], labels[5])]
+    # poor (3) over fine (0) is right, worst (0) over middle (1) is wrong; "best" found no partner.
+    metrics = heldout_metrics(TABLE, RewardDataset(pointwise=labels), batch_size=3, min_heldout=2)
+    assert metrics["heldout_ranking_n"] == 2.0 and metrics["heldout_ranking_accuracy"] == 0.5
 
 
 def test_incremental_training_replays_a_sample_of_the_old_data_and_a_full_retrain_all_of_it():
