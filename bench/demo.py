@@ -115,12 +115,18 @@ async def run(stack: DemoStack, preference: HiddenPreference, minutes: float, us
             stop.set()
             await users_task
             users_seconds = time.monotonic() - started
-            for version in await observer.poll(users_seconds):
-                measurer.queue.put_nowait(version)
-            await measurer.queue.join()
-            if measuring.done():
-                measuring.result()  # raises what stopped a measurement
-            await observer.poll(time.monotonic() - started)
+            # The trainer may still publish from the users' last feedback (a round needs new feedback, so
+            # this ends): every version seen before the last measurement ends is measured too.
+            while True:
+                await measurer.queue.join()
+                if measuring.done():
+                    measuring.result()  # raises what stopped a measurement
+                new = await observer.poll(time.monotonic() - started)
+                if not new:
+                    break
+                for version in new:
+                    tqdm.write(f"{clock(time.monotonic() - started)} new version {version} (after the users)")
+                    measurer.queue.put_nowait(version)
         finally:
             stop.set()
             measuring.cancel()

@@ -90,13 +90,17 @@ def _compare(new: Measurement | None, old: Measurement | None) -> dict | None:
 
 
 def verdict(versions: list[dict]) -> dict:
-    """Does the newest promoted version beat v0 by MIN_GAIN with z >= MIN_Z? And is any promoted version
-    measurably worse than its parent (z <= -MIN_Z)?"""
+    """Does the newest promoted version beat v0 by MIN_GAIN with z >= MIN_Z? Is any promoted version
+    measurably worse than its parent (z <= -MIN_Z)? And how the newest measured version, whatever its
+    status, compares with v0."""
     promoted = [v for v in versions if v["status"] == "promoted" and v["vs_v0"]]
     worse = [v["name"] for v in versions if v["status"] == "promoted" and v["vs_parent"]
              and v["vs_parent"]["z"] <= -MIN_Z]  # fmt: skip
+    measured = [v for v in versions if v["vs_v0"]]
+    newest_measured = measured and {"name": measured[-1]["name"], "status": measured[-1]["status"],
+                                    **measured[-1]["vs_v0"]}  # fmt: skip
     result = {"criterion": f"newest promoted version - v0 >= {MIN_GAIN} with paired z >= {MIN_Z}",
-              "promoted_worse_than_parent": worse}
+              "promoted_worse_than_parent": worse, "newest_measured": newest_measured or None}
     if not promoted:
         return {**result, "newest_promoted": None, "beats_v0": False}
     newest = promoted[-1]
@@ -124,8 +128,7 @@ def _comparison(comparison: dict | None) -> str:
 
 
 def _round_lines(trainer: dict, shown: int = 12) -> list[str]:
-    """Rounds in a few lines: how many of each status, their durations, why the gate rejected them, and
-    each published round with its stage times."""
+    """Rounds in a few lines: how many of each status, their durations, and why the gate rejected them."""
     rounds = trainer["rounds"]
     counts = Counter(r["status"] for r in rounds)
     prometheus = ", ".join(f"{status} {n:g}" for status, n in sorted(trainer["rounds_by_status"].items()))
@@ -140,12 +143,12 @@ def _round_lines(trainer: dict, shown: int = 12) -> list[str]:
         last = next(r["gate_failures"] for r in reversed(rounds) if r.get("gate_failures"))
         lines.append(f"  gate failures: {', '.join(f'{check} x{n}' for check, n in failures.items())}; "
                      f"last: {'; '.join(last)}")
-    for r in rounds:
-        if r["version"]:
-            stages = {k.removeprefix("time/"): v for k, v in (r.get("metrics") or {}).items() if k.startswith("time/")}
-            lines.append(f"  round {r['round']} -> {r['version']}: {r['seconds']:.0f} s"
-                         + (" (" + ", ".join(f"{name} {v:.0f} s" for name, v in stages.items()) + ")" if stages else ""))
     return lines
+
+
+def _stages(stage_seconds: dict[str, float]) -> str:
+    """time/reward_model_seconds 61.2 -> 'reward_model 61'."""
+    return " ".join(f"{k.removeprefix('time/').removesuffix('_seconds')} {v:.0f}" for k, v in stage_seconds.items())
 
 
 def render_summary(results: dict) -> str:
@@ -160,15 +163,15 @@ def render_summary(results: dict) -> str:
         *_round_lines(trainer),
         "",
         f"{'version':8}{'parent':7}{'seen':>6}  {'preference [95% CI]':22}{'n':>4}  {'thumbs-up [95% CI]':22}"
-        f"{'n':>4}  {'vs parent':>12}  {'KL':>5}  {'status':12}{'round s':>8}",
+        f"{'n':>4}  {'vs parent':>12}  {'KL':>5}  {'status':12}{'round s':>8}  stage s",
     ]  # fmt: skip
     for v in results["versions"]:
         lines.append(
             f"{v['name']:8}{v['parent'] or '-':7}{clock(v['appeared_s']):>6}  {_rate(v['preference_rate']):22}"
             f"{(v['preference_rate'] or {}).get('n', 0):>4}  {_rate(v['thumbs_up']):22}{v['thumbs_up']['n']:>4}  "
             f"{_comparison(v['vs_parent']):>12}  "
-            f"{_number(v['kl']):>5}  {v['status']:12}{_number(v['round_seconds'], 0):>8}"
-        )  # fmt: skip
+            f"{_number(v['kl']):>5}  {v['status']:12}{_number(v['round_seconds'], 0):>8}  {_stages(v['stage_seconds'])}"
+        .rstrip())  # fmt: skip
     lines.append("(preference: pinned, held-out questions where it is at stake; thumbs-up: users' thumbs on "
                  "every question they asked)")
     result = results["verdict"]
@@ -180,6 +183,9 @@ def render_summary(results: dict) -> str:
             f"newest promoted {result['newest_promoted']}: {result['difference']:+.2f} over v0, z {result['z']:.1f} "
             f"-> {'MEETS' if result['beats_v0'] else 'does not meet'} the bar ({result['criterion']})"
         )
+    if (newest := result["newest_measured"]) is not None:
+        lines.append(f"newest measured {newest['name']} ({newest['status']}): {newest['difference']:+.2f} over v0, "
+                     f"z {newest['z']:.1f}")
     if result["promoted_worse_than_parent"]:
         lines.append(f"promoted yet measurably worse than the parent: {', '.join(result['promoted_worse_than_parent'])}")
     return "\n".join(lines)

@@ -26,7 +26,7 @@ class EvalConfig:
     questions: int = 100  # distinct held-out questions, each asked once per version
     answers_per_question: int = 2  # `n` of each pinned request: 200 answers per version by default
     max_tokens: int = 64  # as the users' app; an answer cut there does not satisfy
-    concurrency: int = 4  # pinned requests in flight at once
+    concurrency: int = 8  # pinned requests in flight at once (the engine batches them)
     seed: int = 0  # picks the questions and seeds every request (the same for every version)
 
 

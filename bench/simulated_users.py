@@ -30,6 +30,8 @@ import httpx
 from bench.hidden_preferences import HiddenPreference, Messages, last_question
 from trainer.corpus import sample_prompts
 
+USER_SEEDS = 10**5  # users' question streams: sample_prompts seeds from here on
+
 
 @dataclass(frozen=True)
 class UserConfig:
@@ -104,7 +106,8 @@ class SimulatedUsers:
     async def _user(self, index: int, stop: asyncio.Event) -> None:
         config = self.config
         rng = random.Random(f"user-{config.seed}-{index}")
-        questions = sample_prompts(config.questions_per_user, seed=config.seed * 1000 + index)
+        # Corpus seeds of their own: the trainer draws its corpus prompts from seeds 0, 1, 2, ...
+        questions = sample_prompts(config.questions_per_user, seed=USER_SEEDS + config.seed * 1000 + index)
         think_rate = config.requests_per_s / config.users
         for turn in itertools.count():
             try:

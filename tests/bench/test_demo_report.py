@@ -140,6 +140,7 @@ def test_the_bar_is_met_only_by_a_promoted_version_clearly_better_than_v0():
     assert not results_for("promoted", gain=0.0)["verdict"]["beats_v0"]
     unpromoted = results_for("canary", gain=0.35)["verdict"]
     assert unpromoted["newest_promoted"] is None and not unpromoted["beats_v0"]
+    assert unpromoted["newest_measured"]["name"] == "v2" and unpromoted["newest_measured"]["status"] == "canary"
     versions = met["versions"]
     assert versions[1]["vs_parent"]["z"] < -2 and versions[2]["vs_parent"]["difference"] > 0.4
     assert versions[0]["vs_v0"] is None and versions[2]["round_seconds"] == 80.0
@@ -161,8 +162,9 @@ def test_summary_fits_one_screen_and_the_plot_is_written(tmp_path):
     assert "trainer rounds: 2 (published 1, rejected 1; Prometheus: published 2)" in summary
     assert "seconds per round: 90 80 (median 85, max 90)" in summary
     assert "gate failures: fail judge x1; last: fail judge" in summary
-    assert "round 2 -> v2: 80 s (ppo_seconds 60 s)" in summary
-    assert "no version was promoted" in render_summary(results_for("canary", gain=0.35))
+    assert "promoted          80  ppo 120" in summary  # v2's row: round seconds, stage times
+    unpromoted = render_summary(results_for("canary", gain=0.35))
+    assert "no version was promoted" in unpromoted and "newest measured v2 (canary): +0.3" in unpromoted
     pytest.importorskip("matplotlib")  # the demo's optional dependencies (pip install -e '.[demo]')
     plot(results, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
