@@ -31,7 +31,8 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -156,6 +157,24 @@ def ptx_texts(
         return []
     tokenizer = load_tokenizer(base_model)
     return [tokenizer.apply_chat_template(dialogue, tokenize=False) for dialogue in dialogues]
+
+
+class StageClock:
+    """Wall time of a round's stages, as metrics `time/<stage>_seconds`."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = time.monotonic() - started
+
+    def metrics(self) -> dict[str, float]:
+        return {f"time/{stage}_seconds": seconds for stage, seconds in self.seconds.items()}
 
 
 class TrainingLoop:
@@ -332,13 +351,17 @@ class TrainingLoop:
         new, seen = split_dataset(snapshot.new_data.reward), split_dataset(snapshot.seen_data.reward)
         heldout = split_dataset(snapshot.data.reward)[Side.HELDOUT]
 
-        rm_metrics = self._reward_model(
-            "rm", record.round, reward_model_dir, new[Side.TRAIN], seen[Side.TRAIN], heldout,
-            previous_reward_model,
-        )  # fmt: skip
-        judge_metrics = self._reward_model(
-            "judge", record.round, judge_dir, new[Side.JUDGE], seen[Side.JUDGE], heldout, previous_judge
-        )
+        # Each stage's wall time goes into the round's metrics (time/<stage>_seconds): what a round costs.
+        clock = StageClock()
+        with clock("reward_model"):
+            rm_metrics = self._reward_model(
+                "rm", record.round, reward_model_dir, new[Side.TRAIN], seen[Side.TRAIN], heldout,
+                previous_reward_model,
+            )  # fmt: skip
+        with clock("judge"):
+            judge_metrics = self._reward_model(
+                "judge", record.round, judge_dir, new[Side.JUDGE], seen[Side.JUDGE], heldout, previous_judge
+            )
         round_metrics = {
             **{f"reward_model/{name}": value for name, value in rm_metrics.items()},
             **{f"judge/{name}": value for name, value in (judge_metrics or {}).items()},
@@ -353,7 +376,7 @@ class TrainingLoop:
         )  # fmt: skip
         if not validated:  # the gate would reject whatever PPO made: skip PPO
             _log("ppo.skipped", round=record.round, reason=judge_reason)
-            return {**round_metrics, "eval/passed": 0.0}, [judge_reason, "info ppo: not run"]
+            return {**round_metrics, **clock.metrics(), "eval/passed": 0.0}, [judge_reason, "info ppo: not run"]
 
         _log("ppo.started", round=record.round, parent=parent.name, prompts=len(plan.prompts))
         policy_config = ppo_config(settings, record.round)
@@ -361,11 +384,43 @@ class TrainingLoop:
             # Every version descends from the SFT adapter (when set) or from a new adapter of lora_r.
             rank = adapter_rank(settings.sft_adapter) if settings.sft_adapter else policy_config.lora_r
             self.rollout = self.learners.make_rollout(policy_config, settings.base_model, rank)
-        ppo_metrics = self.learners.train_ppo(
+        with clock("ppo"):
+            ppo_metrics = self._ppo(record, snapshot, plan, round_dir, parent, policy_config)
+
+        # The gate: the new policy against its parent, on judge-side prompts, scored by the judge.
+        with clock("gate"):
+            gate = self.learners.evaluate(
+                settings.base_model,
+                adapter_dir,
+                parent.path,
+                list(plan.gate_prompts),
+                judge_dir=judge_dir,
+                policy_reward_model_dir=reward_model_dir,
+                config=config,
+                policy_config=policy_config,
+                reference_adapter=settings.sft_adapter,
+                rollout=self.rollout,
+            )
+        _log("evaluation.finished", round=record.round, metrics=gate.metrics, gate=gate.reasons)
+        metrics.show_step("eval", gate.metrics)
+        return {
+            **round_metrics,
+            **{f"ppo/{name}": value for name, value in ppo_metrics.items()},
+            **{f"eval/{name}": value for name, value in gate.metrics.items()},
+            **clock.metrics(),
+        }, gate.reasons
+
+    def _ppo(
+        self, record: RoundRecord, snapshot: TrainingSnapshot, plan: RoundPlan, round_dir: Path,
+        parent: PolicyVersion, policy_config: PPOConfig,
+    ) -> dict[str, float]:  # fmt: skip
+        """PPO from `parent` against the round's policy reward model; the adapter goes to round_dir."""
+        settings = self.settings
+        return self.learners.train_ppo(
             settings.base_model,
-            reward_model_dir,
+            round_dir / "reward_model",
             list(plan.prompts),
-            adapter_dir,
+            round_dir / "adapter",
             policy_config,
             init_adapter=parent.path,
             reference_adapter=settings.sft_adapter,
@@ -377,27 +432,6 @@ class TrainingLoop:
             checkpoint_dir=round_dir / "ppo_checkpoints",
             rollout=self.rollout,
         )
-
-        # The gate: the new policy against its parent, on judge-side prompts, scored by the judge.
-        gate = self.learners.evaluate(
-            settings.base_model,
-            adapter_dir,
-            parent.path,
-            list(plan.gate_prompts),
-            judge_dir=judge_dir,
-            policy_reward_model_dir=reward_model_dir,
-            config=config,
-            policy_config=policy_config,
-            reference_adapter=settings.sft_adapter,
-            rollout=self.rollout,
-        )
-        _log("evaluation.finished", round=record.round, metrics=gate.metrics, gate=gate.reasons)
-        metrics.show_step("eval", gate.metrics)
-        return {
-            **round_metrics,
-            **{f"ppo/{name}": value for name, value in ppo_metrics.items()},
-            **{f"eval/{name}": value for name, value in gate.metrics.items()},
-        }, gate.reasons
 
     def _reward_model(
         self, stage: str, round_number: int, out_dir: Path, new: RewardDataset, seen: RewardDataset,
