@@ -8,18 +8,18 @@ from __future__ import annotations
 
 from trainer.corpus import sample_prompts
 from trainer.data import Prompt, prompt_from_messages
-from trainer.split import Side, SplitConfig, side_of
+from trainer.split import DEFAULT_SPLIT, Side, SplitConfig, side_of
 
 # How far corpus_prompts looks, in prompts drawn per prompt wanted, before it settles for fewer: the
 # corpus repeats questions, and a side holds a share of them (judge: 0.3 by default).
 MAX_DRAWS_PER_PROMPT = 64
 
 
-def on_side(prompts: list[Prompt], side: Side, split: SplitConfig = SplitConfig()) -> list[Prompt]:
+def on_side(prompts: list[Prompt], side: Side, split: SplitConfig = DEFAULT_SPLIT) -> list[Prompt]:
     return [p for p in prompts if side_of(p, split) == side]
 
 
-def corpus_prompts(side: Side, n: int, seed: int, split: SplitConfig = SplitConfig()) -> list[Prompt]:
+def corpus_prompts(side: Side, n: int, seed: int, split: SplitConfig = DEFAULT_SPLIT) -> list[Prompt]:
     """The first `n` distinct corpus prompts on `side` in sample_prompts' stream for `seed`."""
     found: dict[Prompt, None] = {}
     drawn = 2 * n

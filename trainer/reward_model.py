@@ -251,7 +251,7 @@ def pointwise_pairs(labels: list[PointwiseLabel]) -> list[tuple[PointwiseLabel, 
         if label.target != 0.5:
             liked, disliked = by_prompt.setdefault(label.prompt, ([], []))
             (liked if label.target > 0.5 else disliked).append(label)
-    return [pair for liked, disliked in by_prompt.values() for pair in zip(liked, disliked)]
+    return [pair for liked, disliked in by_prompt.values() for pair in zip(liked, disliked, strict=False)]
 
 
 @torch.no_grad()

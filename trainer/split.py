@@ -42,13 +42,16 @@ class SplitConfig:
             raise ValueError("judge and heldout fractions must be >= 0 and leave some data to train on")
 
 
+DEFAULT_SPLIT = SplitConfig()
+
+
 def prompt_key(prompt: Prompt) -> str:
     """What the split hashes: the last user message, case and spacing folded."""
     user_turns = [content for role, content in prompt if role == "user"]
     return " ".join((user_turns[-1] if user_turns else "").lower().split())
 
 
-def side_of(prompt: Prompt, config: SplitConfig = SplitConfig()) -> Side:
+def side_of(prompt: Prompt, config: SplitConfig = DEFAULT_SPLIT) -> Side:
     digest = hashlib.sha256(f"{config.salt}:{prompt_key(prompt)}".encode()).digest()
     position = int.from_bytes(digest[:8], "big") / 2**64
     if position < config.heldout_fraction:
@@ -58,7 +61,7 @@ def side_of(prompt: Prompt, config: SplitConfig = SplitConfig()) -> Side:
     return Side.TRAIN
 
 
-def split_dataset(data: RewardDataset, config: SplitConfig = SplitConfig()) -> dict[Side, RewardDataset]:
+def split_dataset(data: RewardDataset, config: SplitConfig = DEFAULT_SPLIT) -> dict[Side, RewardDataset]:
     """`data` cut into the three sides, every group and pointwise label by its prompt."""
     sides = {side: RewardDataset() for side in Side}
     for group in data.groups:
