@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 
-from trainer.corpus import CLOSERS, FAMILIES, USER_POLITE, generate_dialogues
+from trainer.data.corpus import CLOSERS, FAMILIES, USER_POLITE, generate_dialogues
 
 Messages = list[dict[str, str]]
 

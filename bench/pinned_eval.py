@@ -1,7 +1,7 @@
 """A version's preference rate, measured on pinned requests (`model: "rlhf-policy@vN"`).
 
 The same questions, with the same request seeds, for every version: `questions` held-out questions
-(trainer.split puts them on the side no reward model or PPO round trains on) on which the preference is
+(trainer.data.split puts them on the side no reward model or PPO round trains on) on which the preference is
 at stake (the corpus has answers to them that satisfy it and answers that do not; HiddenPreference.at_stake),
 `answers_per_question` sampled answers each at the API's default temperature (1), as users get them. Pinned
 requests are the operator's, not users': they carry no `user` id and no feedback.
@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import httpx
 
 from bench.hidden_preferences import HiddenPreference, Messages, last_question
-from trainer.corpus import sample_prompts
 from trainer.data import prompt_from_messages
-from trainer.split import Side, prompt_key, side_of
+from trainer.data.corpus import sample_prompts
+from trainer.data.split import Side, prompt_key, side_of
 
 
 @dataclass(frozen=True)

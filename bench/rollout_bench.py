@@ -2,7 +2,7 @@
 
     python bench/rollout_bench.py [--model DIR] [--prompts 64] [--max-new-tokens 32] [--repeats 3]
 
-Both backends are the trainer's own (trainer.rollout), in one run, on the same model, the same prompts
+Both backends are the trainer's own (trainer.policy.rollout), in one run, on the same model, the same prompts
 (corpus prompts), the same length cap and temperature 1 with the same per-prompt seeds, after a warm-up
 batch; answers stop at end-of-sequence as in training, so the mean answer length of each is printed beside
 samples/s. The batches alternate, HF then vLLM, --repeats times, and the ratio is the median of the
@@ -29,12 +29,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from trainer.corpus import sample_prompts  # noqa: E402
 from trainer.data import prompt_from_messages  # noqa: E402
+from trainer.data.corpus import sample_prompts  # noqa: E402
 from trainer.init_model import build_base_model  # noqa: E402
-from trainer.ppo import PPOConfig, load_policy, train_ppo  # noqa: E402
-from trainer.reward_model import RewardModel, RewardModelConfig  # noqa: E402
-from trainer.rollout import HFRollout, VllmRollout  # noqa: E402
+from trainer.policy.ppo import PPOConfig, load_policy, train_ppo  # noqa: E402
+from trainer.policy.rollout import HFRollout, VllmRollout  # noqa: E402
+from trainer.reward.reward_model import RewardModel, RewardModelConfig  # noqa: E402
 from trainer.tokens import load_tokenizer, prompt_ids  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common.vllm_cpu import prepare_cpu_engine  # noqa: E402
 from deploy.local import start_service, stop_service, wait_http_ok  # noqa: E402
 from deploy.local_broker import LocalBroker, free_port  # noqa: E402
-from trainer.corpus import sample_prompts  # noqa: E402
+from trainer.data.corpus import sample_prompts  # noqa: E402
 
 MAX_MODEL_LEN, MAX_LORAS, MAX_LORA_RANK = 512, 4, 16
 

@@ -1,7 +1,7 @@
 """Simulated users of the public HTTP API: they chat and give every kind of feedback from a hidden preference.
 
 Each user has an id of its own (`user` on every request) and its own stream of questions
-(trainer.corpus.sample_prompts: system messages and earlier turns included). After each answer it thinks
+(trainer.data.corpus.sample_prompts: system messages and earlier turns included). After each answer it thinks
 for an exponential time, so all users together send up to `requests_per_s` requests (fewer when answers are
 slow: a user waits for its answer). A request is one of:
 
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from bench.hidden_preferences import HiddenPreference, Messages, last_question
-from trainer.corpus import sample_prompts
+from trainer.data.corpus import sample_prompts
 
 USER_SEEDS = 10**5  # users' question streams: sample_prompts seeds from here on
 

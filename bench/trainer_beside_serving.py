@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from deploy.local import start_service, stop_service, wait_http_ok  # noqa: E402
 from deploy.local_broker import LocalBroker, free_port  # noqa: E402
-from trainer.corpus import sample_prompts  # noqa: E402
+from trainer.data.corpus import sample_prompts  # noqa: E402
 
 LOGS = Path(tempfile.gettempdir()) / "trainer-beside-serving"  # the trainers' and serving's logs
 SETTLE_S = 5.0  # load runs this long before a round starts, so serving is in its steady state
@@ -48,7 +48,7 @@ def trainer(model: Path, reward_model: Path, steps: int, threads: int, niceness:
     import torch
 
     from trainer.data import prompt_from_messages
-    from trainer.ppo import PPOConfig, make_rollout, train_ppo
+    from trainer.policy.ppo import PPOConfig, make_rollout, train_ppo
 
     os.nice(niceness)
     torch.set_num_threads(threads)
@@ -161,7 +161,7 @@ def main() -> None:
     if not (options.model / "config.json").is_file():
         sys.exit(f"no model at {options.model}: run `make model` (or pass --model DIR)")
 
-    from trainer.reward_model import RewardModel, RewardModelConfig
+    from trainer.reward.reward_model import RewardModel, RewardModelConfig
 
     LOGS.mkdir(exist_ok=True)
     rounds: dict[tuple[str, str], list[dict]] = {}

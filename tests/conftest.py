@@ -43,7 +43,7 @@ def kafka_settings() -> SharedSettings:
 
 def _model_sources_digest() -> str:
     digest = hashlib.sha256()
-    for name in ("trainer/corpus.py", "trainer/init_model.py"):
+    for name in ("trainer/data/corpus.py", "trainer/init_model.py"):
         digest.update((ROOT / name).read_bytes())
     return digest.hexdigest()[:12]
 

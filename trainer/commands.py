@@ -18,7 +18,6 @@ from pathlib import Path
 from prometheus_client import start_http_server
 
 from trainer import metrics
-from trainer.corpus import sample_prompts
 from trainer.data import (
     Demonstration,
     RewardDataset,
@@ -27,13 +26,14 @@ from trainer.data import (
     load_prompts,
     prompt_from_messages,
 )
+from trainer.data.corpus import sample_prompts
+from trainer.data.split import Side, split_dataset
+from trainer.data.store import FeedbackStore, TrainingData
 from trainer.distributed import init as init_distributed
 from trainer.loop import JsonLines, ptx_texts
-from trainer.ppo import PPOConfig, train_ppo
-from trainer.reward_model import RewardModelConfig, train_reward_model
-from trainer.sft import SFTConfig, train_sft
-from trainer.split import Side, split_dataset
-from trainer.store import FeedbackStore, TrainingData
+from trainer.policy.ppo import PPOConfig, train_ppo
+from trainer.policy.sft import SFTConfig, train_sft
+from trainer.reward.reward_model import RewardModelConfig, train_reward_model
 
 log = logging.getLogger("trainer.commands")
 
@@ -111,8 +111,8 @@ def sft(args: argparse.Namespace) -> None:
 
 def rm(args: argparse.Namespace) -> None:
     """A reward model on the store's feedback (--store) and comparison files (--data), split by prompt as
-    the loop splits it (trainer.split): trained on the train and judge sides (there is no gate here to keep
-    a judge for), measured on the held-out side, which it never trains on."""
+    the loop splits it (trainer.data.split): trained on the train and judge sides (there is no gate here
+    to keep a judge for), measured on the held-out side, which it never trains on."""
     _start(args)
     data = _store_data(args.store).reward
     for path in args.data:

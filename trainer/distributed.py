@@ -99,7 +99,7 @@ class World:
         parameters stay whole on each rank (summed by sum_gradients). Returns `model`.
 
         Of a PEFT model, the transformers model inside is sharded (after its adapters are loaded): its
-        forward is the one that PEFT, `generate` and trainer.ppo all call, and FSDP gathers the weights
+        forward is the one that PEFT, `generate` and trainer.policy.ppo all call, and FSDP gathers the weights
         outside the layers (embeddings, final norm, head) in the forward of the module sharded last.
         """
         if self.sharding is None:

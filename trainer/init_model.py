@@ -1,5 +1,5 @@
 """Build the project's default base model with no download: a byte-level BPE tokenizer and a small Llama,
-both trained from scratch on the templated dialogues of trainer.corpus.
+both trained from scratch on the templated dialogues of trainer.data.corpus.
 
 The result is a plain Hugging Face directory (float32 safetensors, tokenizer files with a chat template,
 generation config) that transformers' Auto classes and vLLM both load, and that PEFT LoRA adapters on
@@ -31,7 +31,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from trainer.corpus import Dialogue, generate_dialogues
+from trainer.data.corpus import Dialogue, generate_dialogues
 
 log = logging.getLogger(__name__)
 

@@ -1,21 +1,21 @@
 """The trainer's main loop: wait for feedback, train two reward models, run PPO, evaluate, publish.
 
-Every piece of feedback belongs to one side of the split (trainer.split, by its prompt). Each round
-refreshes two reward models incrementally (trainer.reward_model: from the previous round's model, on the
-side's new feedback plus a replay sample of its old): the policy's, on the train side, which PPO optimises
-on train-side prompts; and the judge, on the judge side, which the evaluation gate (trainer.evaluate) asks
-about judge-side prompts. Both are measured on the held-out side. A round publishes its policy only if the
-gate passes it; its reasons go into the version's manifest (`gate`), or, for a rejected round, into the
-round's record (`error`). A round whose judge is not validated on held-out feedback is rejected before
-PPO: the gate could not pass its policy, so PPO's time is saved. A rejected round is recorded (its
-feedback counts as trained on, its reward models seed the next round's) and the next round starts again
-from the same parent.
+Every piece of feedback belongs to one side of the split (trainer.data.split, by its prompt). Each round
+refreshes two reward models incrementally (trainer.reward.reward_model: from the previous round's model, on
+the side's new feedback plus a replay sample of its old): the policy's, on the train side, which PPO
+optimises on train-side prompts; and the judge, on the judge side, which the evaluation gate
+(trainer.evaluation.gate) asks about judge-side prompts. Both are measured on the held-out side. A round
+publishes its policy only if the gate passes it; its reasons go into the version's manifest (`gate`), or,
+for a rejected round, into the round's record (`error`). A round whose judge is not validated on held-out
+feedback is rejected before PPO: the gate could not pass its policy, so PPO's time is saved. A rejected
+round is recorded (its feedback counts as trained on, its reward models seed the next round's) and the next
+round starts again from the same parent.
 
 Rounds are crash-safe by construction: feedback counts as trained on only once its round is recorded. A
 round that dies (or is abandoned on SIGTERM) resumes after the restart where it stopped, on the same data:
 its plan (the feedback it trains on, its PPO and gate prompts, its parent version) is written to
 `round.json` in the round's directory first, finished reward models are kept, and PPO continues after its
-last checkpointed step (trainer.checkpoint). Feedback that arrived meanwhile waits for the next round.
+last checkpointed step (trainer.policy.checkpoint). Feedback that arrived meanwhile waits for the next round.
 Every step is logged as one JSON line on stdout and its metrics are set on the Prometheus gauges
 (trainer.metrics).
 """
@@ -46,19 +46,25 @@ from common.kafka import ensure_topics, make_producer, wait_for_broker
 from common.registry import PolicyRegistry, PolicyVersion
 from trainer import metrics
 from trainer.adapters import adapter_rank
-from trainer.corpus import generate_dialogues
 from trainer.data import Demonstration, Prompt, RewardDataset, prompt_to_messages
-from trainer.evaluate import EvalConfig, GateResult, evaluate_candidate, judge_check, reward_model_metrics
-from trainer.ingest import Ingestor
-from trainer.ppo import PPOConfig, make_rollout, train_ppo
-from trainer.prompts import corpus_prompts, mixed, on_side
+from trainer.data.corpus import generate_dialogues
+from trainer.data.ingest import Ingestor
+from trainer.data.prompts import corpus_prompts, mixed, on_side
+from trainer.data.split import Side, split_dataset
+from trainer.data.store import FeedbackStore, RoundRecord, TrainingSnapshot
+from trainer.evaluation.gate import (
+    EvalConfig,
+    GateResult,
+    evaluate_candidate,
+    judge_check,
+    reward_model_metrics,
+)
+from trainer.policy.ppo import PPOConfig, make_rollout, train_ppo
+from trainer.policy.rollout import RolloutBackend
 from trainer.publish import publish_policy
-from trainer.reward_model import META_FILE as REWARD_MODEL_META
-from trainer.reward_model import RewardModelConfig, train_reward_model
-from trainer.rollout import RolloutBackend
+from trainer.reward.reward_model import META_FILE as REWARD_MODEL_META
+from trainer.reward.reward_model import RewardModelConfig, train_reward_model
 from trainer.settings import TrainerSettings
-from trainer.split import Side, split_dataset
-from trainer.store import FeedbackStore, RoundRecord, TrainingSnapshot
 from trainer.tokens import load_tokenizer
 
 log = logging.getLogger("trainer.loop")
@@ -103,8 +109,8 @@ class RoundPlan:
 
 @dataclass(frozen=True)
 class Learners:
-    """The training steps, the evaluation gate and PPO's rollout backend, as trainer.reward_model,
-    trainer.ppo, trainer.evaluate and trainer.rollout define them; tests pass fakes."""
+    """The training steps, the evaluation gate and PPO's rollout backend, as trainer.reward.reward_model,
+    trainer.policy.ppo, trainer.evaluation.gate and trainer.policy.rollout define them; tests pass fakes."""
 
     train_reward_model: Callable[..., dict[str, float]] = train_reward_model
     train_ppo: Callable[..., dict[str, float]] = train_ppo

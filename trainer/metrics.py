@@ -2,7 +2,7 @@
 
 from prometheus_client import Counter, Gauge
 
-from trainer.store import StoredCounts
+from trainer.data.store import StoredCounts
 
 EVENTS_INGESTED = Counter(
     "rlhf_trainer_events_ingested_total",

@@ -26,7 +26,7 @@ def publish_policy(
 ) -> PolicyVersion:
     """Publish `adapter_dir` as the next version and return it once the broker acknowledged the PolicyEvent.
 
-    `metrics` are the round's figures and `gate` the evaluation gate's reasons (trainer.evaluate); both
+    `metrics` are the round's figures and `gate` the evaluation gate's reasons (trainer.evaluation.gate); both
     go into the version's manifest.
 
     The registry comes first so that serving never hears of a version it cannot load. Publishing again

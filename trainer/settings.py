@@ -54,7 +54,8 @@ class TrainerSettings(SharedSettings):
     corpus_prompts: int = Field(
         64,
         ge=0,
-        description="Corpus prompts mixed into each round's PPO prompts (trainer.corpus.sample_prompts).",
+        description="Corpus prompts mixed into each round's PPO prompts "
+        "(trainer.data.corpus.sample_prompts).",
     )
     ptx_dialogues: int = Field(
         64,

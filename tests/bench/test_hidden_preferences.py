@@ -7,9 +7,9 @@ import pytest
 
 from bench.hidden_preferences import PREFERENCES, is_long, is_polite, last_question, restates_subject
 from bench.pinned_eval import EvalConfig, evaluation_questions
-from trainer.corpus import generate_dialogues
 from trainer.data import prompt_from_messages
-from trainer.split import Side, side_of
+from trainer.data.corpus import generate_dialogues
+from trainer.data.split import Side, side_of
 
 POLITE, LENGTH, SUBJECT = PREFERENCES["polite"], PREFERENCES["length"], PREFERENCES["subject"]
 

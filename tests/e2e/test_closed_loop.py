@@ -17,7 +17,7 @@ from openai import OpenAI
 
 from deploy.local import stop_service
 from tests.conftest import start_logged_service
-from trainer.corpus import sample_prompts
+from trainer.data.corpus import sample_prompts
 
 pytestmark = [pytest.mark.slow, pytest.mark.kafka]
 
@@ -85,7 +85,7 @@ def test_feedback_trains_a_new_policy_that_serving_switches_to(serving, tmp_path
            "TRAINER_PPO_STEPS": "2", "TRAINER_PPO_ROLLOUT_BATCH_SIZE": "8", "TRAINER_PPO_MAX_NEW_TOKENS": "16",
            "TRAINER_CORPUS_PROMPTS": "8", "TRAINER_PTX_DIALOGUES": "8",
            # The wiring is under test here, not the judge: 40 thumbs leave too few held-out comparisons
-           # to validate one (tests/trainer/test_gate.py tests that rule).
+           # to validate one (tests/trainer/evaluation/test_gate.py tests that rule).
            "TRAINER_EVAL_REQUIRE_VALIDATED_JUDGE": "false"}
     trainer, trainer_log = start_logged_service("trainer", ["trainer", "run"], env)
     try:

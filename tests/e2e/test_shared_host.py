@@ -16,7 +16,7 @@ import time
 import httpx
 import pytest
 
-from trainer.corpus import sample_prompts
+from trainer.data.corpus import sample_prompts
 
 pytestmark = [pytest.mark.slow, pytest.mark.kafka]
 

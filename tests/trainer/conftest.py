@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from tests.trainer.preferences import LENGTH, WORDING, HiddenPreference
-from trainer.reward_model import RewardModelConfig, train_reward_model
-from trainer.split import Side, split_dataset
+from trainer.data.split import Side, split_dataset
+from trainer.reward.reward_model import RewardModelConfig, train_reward_model
 
 
 @contextmanager

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 # The predicates are the demo's (bench/hidden_preferences.py): one definition of each preference.
 from bench.hidden_preferences import LONG_ANSWER_WORDS, POLITE_WORDS, is_long, is_polite, words  # noqa: F401
-from trainer.corpus import CLOSERS, FAMILIES, OPENERS, generate_dialogues
 from trainer.data import PointwiseLabel, PreferenceGroup, Prompt, RewardDataset, prompt_from_messages
+from trainer.data.corpus import CLOSERS, FAMILIES, OPENERS, generate_dialogues
 
 
 def _question(rng: random.Random) -> tuple[Prompt, list[str]]:

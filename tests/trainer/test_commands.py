@@ -14,10 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.trainer.policy.test_sft import polite_demonstrations
 from tests.trainer.preferences import WORDING
-from tests.trainer.test_sft import polite_demonstrations
-from trainer.corpus import sample_prompts
 from trainer.data import prompt_to_messages
+from trainer.data.corpus import sample_prompts
 
 pytestmark = pytest.mark.slow
 

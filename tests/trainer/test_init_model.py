@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trainer.corpus import generate_dialogues, sample_prompts
+from trainer.data.corpus import generate_dialogues, sample_prompts
 from trainer.init_model import PRESETS, build_base_model, encode_dialogue
 
 MAX_NEW_TOKENS = 64

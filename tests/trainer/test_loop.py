@@ -19,13 +19,13 @@ from common.kafka import ensure_topics, make_consumer, make_producer
 from common.registry import PolicyRegistry
 from deploy.local_broker import free_port
 from feedback.events import PolicyEvent
-from tests.trainer.test_ingest import isolated_settings, produce, wait_until
-from tests.trainer.test_store import COMPLETIONS, OTHER_PROMPT, PROMPT, completion, feedback, ref
+from tests.trainer.data.test_ingest import isolated_settings, produce, wait_until
+from tests.trainer.data.test_store import COMPLETIONS, OTHER_PROMPT, PROMPT, completion, feedback, ref
 from trainer.data import PointwiseLabel, PreferenceGroup, RewardDataset, prompt_from_messages
-from trainer.evaluate import GateResult
+from trainer.data.split import Side, side_of
+from trainer.data.store import EventBatch, FeedbackStore
+from trainer.evaluation.gate import GateResult
 from trainer.loop import Learners, RoundPlan, TrainingLoop
-from trainer.split import Side, side_of
-from trainer.store import EventBatch, FeedbackStore
 
 pytestmark = pytest.mark.kafka
 

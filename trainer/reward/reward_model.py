@@ -6,7 +6,7 @@ Here the trunk gets a LoRA adapter (the base stays frozen and shared) and the he
 Thumbs and ratings add a pointwise term: sigmoid(r(x, y)) is read as the probability that y is good.
 How the two terms are weighed: RewardModelConfig.pointwise_weight.
 
-The caller splits the data (trainer.split): `train_reward_model` trains on all it is given and only
+The caller splits the data (trainer.data.split): `train_reward_model` trains on all it is given and only
 evaluates `heldout`. Continuing from an earlier model (`init_from`), it trains on the new data plus a
 sample of the old (`replay`), so a round's cost follows what is new, not everything ever stored.
 
@@ -38,7 +38,7 @@ from trainer.adapters import ATTENTION_PROJECTIONS, lora_config
 from trainer.data import PointwiseLabel, PreferenceGroup, Prompt, RewardDataset
 from trainer.distributed import init as init_distributed
 from trainer.distributed import training_device, weights_on_rank
-from trainer.intervals import wilson_interval
+from trainer.evaluation.intervals import wilson_interval
 from trainer.tokens import load_tokenizer, pad_right, sample_ids
 
 log = logging.getLogger(__name__)

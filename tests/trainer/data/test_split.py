@@ -1,4 +1,4 @@
-"""The data split (trainer.split) on feedback of every kind as the store turns it into training data: a
+"""The data split (trainer.data.split) on feedback of every kind as the store turns it into training data: a
 prompt is on one side only, the same question lands on the same side whatever comes before it, and no
 prompt changes side as feedback grows round after round."""
 
@@ -9,10 +9,10 @@ from collections import Counter
 from datetime import UTC, datetime
 
 from feedback.events import CompletionChoice, CompletionEvent, FeedbackEvent, Message, SamplingRecord
-from trainer.corpus import FAMILIES, SYSTEMS
 from trainer.data import RewardDataset, prompt_from_messages
-from trainer.split import Side, prompt_key, side_of, split_dataset
-from trainer.store import EventBatch, FeedbackStore, RoundRecord
+from trainer.data.corpus import FAMILIES, SYSTEMS
+from trainer.data.split import Side, prompt_key, side_of, split_dataset
+from trainer.data.store import EventBatch, FeedbackStore, RoundRecord
 
 USERS = [None, "user-1", "user-2", "user-3"]
 

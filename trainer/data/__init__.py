@@ -1,4 +1,7 @@
-"""The training data the store hands to the learners: plain dataclasses, no Kafka, no SQL.
+"""The data stage: feedback from Kafka (ingest.py) into the store (store.py), split by prompt (split.py,
+config `SplitConfig`), the questions a round asks (prompts.py) and the synthetic corpus (corpus.py).
+
+This module: the training data the store hands to the learners: plain dataclasses, no Kafka, no SQL.
 
 A prompt is the chat message list that was sent (dicts with role/content); a response is the text of
 one answer. Learners apply the base model's chat template themselves.

@@ -15,13 +15,13 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from trainer.corpus import generate_dialogues, sample_prompts
 from trainer.data import prompt_from_messages
-from trainer.evaluate import EvalConfig, evaluate_candidate, sample_and_score
+from trainer.data.corpus import generate_dialogues, sample_prompts
+from trainer.evaluation.gate import EvalConfig, evaluate_candidate, sample_and_score
 from trainer.loop import ppo_config
-from trainer.ppo import PPOConfig, load_policy, pack, policy_forward, train_ppo
-from trainer.reward_model import RewardModel
-from trainer.rollout import HFRollout, ended
+from trainer.policy.ppo import PPOConfig, load_policy, pack, policy_forward, train_ppo
+from trainer.policy.rollout import HFRollout, ended
+from trainer.reward.reward_model import RewardModel
 from trainer.settings import TrainerSettings
 from trainer.tokens import load_tokenizer, prompt_ids
 
@@ -210,7 +210,7 @@ def test_ppo_raises_the_rate_of_answers_the_hidden_preference_likes(base_model_d
 
     # The evaluation gate passes the trained policy over its parent (the base) and rejects the base as a
     # successor of the trained policy; a KL bound below the trained policy's KL rejects it too. The reward
-    # model is its own judge here (tests/trainer/test_gate.py has an independent one).
+    # model is its own judge here (tests/trainer/evaluation/test_gate.py has an independent one).
     untrained = tmp_path / "untrained"
     load_policy(base_model_dir, config).save_pretrained(untrained)
     gate_config = EvalConfig(max_new_tokens=config.max_new_tokens)

@@ -4,7 +4,7 @@ Demonstrations are prompts with the answer a person wrote: users' corrections fr
 and JSON-lines files of {"prompt": ..., "answer": ...} (trainer.data.load_demonstrations). The loss is the
 next-token negative log-likelihood of the answer and its closing end-of-sequence token; the prompt is only
 context, as when the base model learned to chat. The saved adapter is the SFT policy: PPO starts from it
-and keeps it as its reference (trainer.ppo, `reference_adapter`).
+and keeps it as its reference (trainer.policy.ppo, `reference_adapter`).
 
 Runs data-parallel under torchrun like PPO (trainer.distributed): every rank draws the same batches and
 computes its share of the rows, weighted by its share of the batch's answer tokens.

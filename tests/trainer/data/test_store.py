@@ -10,7 +10,7 @@ import pytest
 
 from feedback.events import CompletionChoice, CompletionEvent, FeedbackEvent, Message, SamplingRecord
 from trainer.data import Demonstration, PointwiseLabel, PreferenceGroup, prompt_from_messages
-from trainer.store import (
+from trainer.data.store import (
     ROUNDS_TABLE,
     SCHEMA,
     DeadLetter,

@@ -22,8 +22,8 @@ from common.kafka import make_consumer
 from common.settings import SharedSettings
 from feedback.events import SCHEMA_VERSION, CompletionEvent, FeedbackEvent
 from trainer import metrics
+from trainer.data.store import DeadLetter, EventBatch, FeedbackStore
 from trainer.settings import TrainerSettings
-from trainer.store import DeadLetter, EventBatch, FeedbackStore
 
 log = logging.getLogger(__name__)
 

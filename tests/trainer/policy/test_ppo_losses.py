@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from trainer.ppo_losses import (
+from trainer.policy.ppo_losses import (
     KLController,
     compute_gae,
     entropy_from_logits,

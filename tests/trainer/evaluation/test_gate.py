@@ -16,14 +16,20 @@ from serving.app import build_app
 from serving.settings import ServingSettings
 from tests.serving.fakes import FakeEngine, MemoryEventSink
 from tests.trainer.preferences import LENGTH
-from trainer.corpus import generate_dialogues
 from trainer.data import PointwiseLabel, PreferenceGroup, RewardDataset
-from trainer.evaluate import EvalConfig, clustered_gain, evaluate_candidate, judge_check, sample_and_score
-from trainer.ppo import PPOConfig, load_policy, train_ppo
-from trainer.prompts import corpus_prompts
-from trainer.reward_model import RewardModel, RewardModelConfig, train_reward_model
-from trainer.rollout import HFRollout
-from trainer.split import Side, split_dataset
+from trainer.data.corpus import generate_dialogues
+from trainer.data.prompts import corpus_prompts
+from trainer.data.split import Side, split_dataset
+from trainer.evaluation.gate import (
+    EvalConfig,
+    clustered_gain,
+    evaluate_candidate,
+    judge_check,
+    sample_and_score,
+)
+from trainer.policy.ppo import PPOConfig, load_policy, train_ppo
+from trainer.policy.rollout import HFRollout
+from trainer.reward.reward_model import RewardModel, RewardModelConfig, train_reward_model
 from trainer.tokens import load_tokenizer
 
 # --- The statistic, in simulation ---------------------------------------------------------------------

@@ -7,11 +7,11 @@ policy when an SFT adapter is given (`reference_adapter`: loaded frozen beside t
 the policy starts from it, as in InstructGPT), else the base model itself (the adapter switched off); either
 way there is no second copy of the base. A linear value head on the policy's last hidden state starts from
 the reward model's head (InstructGPT initialises the value function from the RM). Rollouts come from
-trainer.rollout (transformers' generate, or a vLLM engine refreshed with the adapter after each update);
-their log-probabilities are always recomputed here in torch. What is saved is the policy adapter alone,
-which vLLM loads as it is. The losses are in trainer/ppo_losses.py.
+trainer.policy.rollout (transformers' generate, or a vLLM engine refreshed with the adapter after each
+update); their log-probabilities are always recomputed here in torch. What is saved is the policy adapter
+alone, which vLLM loads as it is. The losses are in trainer/policy/ppo_losses.py.
 
-Each step is checkpointed when a checkpoint directory is given (trainer.checkpoint), and the same call
+Each step is checkpointed when a checkpoint directory is given (trainer.policy.checkpoint), and the same call
 runs data-parallel under torchrun, or with the frozen weights sharded under `accelerate launch --use_fsdp`
 (trainer.distributed).
 """
@@ -33,12 +33,12 @@ from peft import PeftModel, get_peft_model
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from trainer import checkpoint
 from trainer.adapters import ATTENTION_PROJECTIONS, lora_config
 from trainer.data import Prompt
 from trainer.distributed import World, gather_rows, rows_of_rank, training_device, weights_on_rank
 from trainer.distributed import init as init_distributed
-from trainer.ppo_losses import (
+from trainer.policy import checkpoint
+from trainer.policy.ppo_losses import (
     KLController,
     compute_gae,
     entropy_from_logits,
@@ -50,8 +50,8 @@ from trainer.ppo_losses import (
     value_loss,
     whiten,
 )
-from trainer.reward_model import RewardModel
-from trainer.rollout import HFRollout, RolloutBackend, VllmRollout, ended
+from trainer.policy.rollout import HFRollout, RolloutBackend, VllmRollout, ended
+from trainer.reward.reward_model import RewardModel
 from trainer.tokens import load_tokenizer, pad_right, prompt_ids
 
 log = logging.getLogger(__name__)
@@ -60,8 +60,9 @@ log = logging.getLogger(__name__)
 @dataclass
 class PPOConfig:
     """What `make up` runs: the loop passes this config's defaults, with only its seed (and the round-size
-    settings TRAINER_PPO_*, when set) changed; the learning tests (tests/trainer/test_ppo.py) train with
-    exactly these defaults, so the figures they report (docs/training.md) are those of the shipped config.
+    settings TRAINER_PPO_*, when set) changed; the learning tests (tests/trainer/policy/test_ppo.py) train
+    with exactly these defaults, so the figures they report (docs/training.md) are those of the shipped
+    config.
     """
 
     # --- Schedule ---
@@ -82,15 +83,15 @@ class PPOConfig:
     max_new_tokens: int = 48
     # Sampling temperature, also applied to the logits PPO trains on so the ratio is that of the sampler.
     temperature: float = 1.0
-    # Who samples the rollouts (trainer.rollout): "vllm" runs a vLLM engine of the trainer's own, with the
-    # policy adapter reloaded after every update; "hf" runs transformers' generate on the policy being
+    # Who samples the rollouts (trainer.policy.rollout): "vllm" runs a vLLM engine of the trainer's own, with
+    # the policy adapter reloaded after every update; "hf" runs transformers' generate on the policy being
     # trained (no engine to start: quick experiments and tests). A vLLM engine takes about 20 s to start on
     # the CPU, once per train_ppo call unless the caller passes a running one (the loop keeps one across
     # rounds); bench/rollout_bench.py measures what it gains per step.
     rollout_backend: Literal["hf", "vllm"] = "vllm"
-    # How the vLLM engine gets each update (trainer.rollout.VllmRollout): "weights" reloads the base weights
-    # with the adapter merged in (fastest on the CPU: vLLM's CPU LoRA kernels cost 2.6x per batch), "lora"
-    # loads the adapter alone under a new LoRA id (writes far less for large models).
+    # How the vLLM engine gets each update (trainer.policy.rollout.VllmRollout): "weights" reloads the base
+    # weights with the adapter merged in (fastest on the CPU: vLLM's CPU LoRA kernels cost 2.6x per batch),
+    # "lora" loads the adapter alone under a new LoRA id (writes far less for large models).
     vllm_sync: Literal["weights", "lora"] = "weights"
     # GPU memory fraction of the vLLM engine's weights and KV cache (the update shares the device);
     # on the CPU the KV cache takes VLLM_CPU_KVCACHE_SPACE GiB instead.

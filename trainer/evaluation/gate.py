@@ -2,18 +2,18 @@
 
 PPO optimises the policy's reward model, so that model's score of the new policy is biased upwards: a
 policy that learned to exploit it (reward hacking) shows a "gain". The gate therefore asks another
-reward model, the judge, trained only on the judge side of the data split (trainer.split), which PPO never
-optimised against, and asks it only about judge-side prompts, which PPO never trained on.
+reward model, the judge, trained only on the judge side of the data split (trainer.data.split), which PPO
+never optimised against, and asks it only about judge-side prompts, which PPO never trained on.
 
 The test. The candidate and its parent answer the same P prompts, S answers each, with the same per-prompt
 seeds (paired samples: where the policies agree their answers agree). The judge scores every answer; d_p is
 the mean over prompt p's answers of (candidate - parent). The gain is the mean of d_p and its standard
 error is std(d_p) / sqrt(P): clustered by prompt, because answers to one prompt share the prompt's effect
 and are not independent (treating the P*S differences as independent understates the s.e.;
-tests/trainer/test_gate.py checks both in simulation: the naive s.e. under-covers, the clustered one covers
-about 95%). The gate rejects when
+tests/trainer/evaluation/test_gate.py checks both in simulation: the naive s.e. under-covers, the clustered
+one covers about 95%). The gate rejects when
 
-  1. the judge is not validated: its held-out ranking accuracy (trainer.split's held-out side, which
+  1. the judge is not validated: its held-out ranking accuracy (trainer.data.split's held-out side, which
      neither reward model trains on) has a Wilson 95% lower bound <= `min_judge_accuracy` (0.5), or there
      are too few held-out comparisons to tell (the reward model's `min_heldout`). An unvalidated judge is
      a reject, not a pass on KL alone: its verdict would be noise, and the policy's own reward model is
@@ -42,15 +42,15 @@ import torch
 from peft import PeftModel
 
 from trainer.data import Prompt
-from trainer.ppo import PPOConfig, load_policy, pack, policy_forward, reference_policy
-from trainer.reward_model import META_FILE, RewardModel
-from trainer.rollout import HFRollout, RolloutBackend, ended
+from trainer.policy.ppo import PPOConfig, load_policy, pack, policy_forward, reference_policy
+from trainer.policy.rollout import HFRollout, RolloutBackend, ended
+from trainer.reward.reward_model import META_FILE, RewardModel
 from trainer.tokens import load_tokenizer, prompt_ids
 
 
 @dataclass
 class EvalConfig:
-    # Prompts the gate asks, all on the judge side of the split (trainer.prompts.gate_prompts): up to
+    # Prompts the gate asks, all on the judge side of the split (trainer.data.prompts.gate_prompts): up to
     # `user_prompts` of the users' most recent judge-side prompts, then corpus prompts drawn with
     # `eval_seed` (the same every round, so rounds compare; PPO draws with the trainer's seed), up to
     # `prompts` in all.
@@ -68,7 +68,8 @@ class EvalConfig:
     # clustered standard errors. 3 rejects a candidate no worse than its parent 0.13% of the time.
     max_reward_drop_se: float = 3.0
     # Reject if the candidate's KL to the reference exceeds this, in nats per answer: the bound the
-    # learning tests hold PPO to (tests/trainer/test_ppo.py, KL_BOUND), so what ships is what is tested.
+    # learning tests hold PPO to (tests/trainer/policy/test_ppo.py, KL_BOUND), so what ships is what is
+    # tested.
     max_kl: float = 10.0
     # Reject unless the Wilson 95% lower bound of the judge's held-out ranking accuracy exceeds this.
     min_judge_accuracy: float = 0.5
@@ -142,7 +143,7 @@ def clustered_gain(
 def judge_check(judge_metrics: Mapping[str, float], config: EvalConfig) -> tuple[bool, str]:
     """Whether the judge is validated on held-out feedback, and the reason line saying so. It is judged on
     held-out ranking accuracy: users' pairwise choices plus liked/disliked answers to one prompt
-    (trainer.reward_model.heldout_metrics), so thumbs and ratings validate it too."""
+    (trainer.reward.reward_model.heldout_metrics), so thumbs and ratings validate it too."""
     n = int(judge_metrics.get("heldout_ranking_n", 0))
     low = judge_metrics.get("heldout_ranking_low")
     if low is None:

@@ -15,8 +15,9 @@ from transformers import AutoConfig, AutoModel
 from tests.trainer.preferences import HiddenPreference
 from trainer.adapters import lora_config
 from trainer.data import PointwiseLabel, PreferenceGroup, RewardDataset
-from trainer.intervals import wilson_interval
-from trainer.reward_model import (
+from trainer.data.split import Side, split_dataset
+from trainer.evaluation.intervals import wilson_interval
+from trainer.reward.reward_model import (
     RewardModel,
     RewardModelConfig,
     batch_loss,
@@ -27,7 +28,6 @@ from trainer.reward_model import (
     train_reward_model,
     training_elements,
 )
-from trainer.split import Side, split_dataset
 from trainer.tokens import load_tokenizer
 
 PROMPT = (("user", "Tell me about cats."),)

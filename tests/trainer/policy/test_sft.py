@@ -12,11 +12,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from tests.trainer.preferences import is_polite
-from trainer.corpus import generate_dialogues, sample_prompts
 from trainer.data import Demonstration, load_demonstrations, prompt_from_messages
-from trainer.ppo import PPOConfig, load_policy, pack, policy_forward, reference_policy, train_ppo
-from trainer.rollout import HFRollout
-from trainer.sft import SFTConfig, train_sft
+from trainer.data.corpus import generate_dialogues, sample_prompts
+from trainer.policy.ppo import PPOConfig, load_policy, pack, policy_forward, reference_policy, train_ppo
+from trainer.policy.rollout import HFRollout
+from trainer.policy.sft import SFTConfig, train_sft
 from trainer.tokens import load_tokenizer, prompt_ids
 
 

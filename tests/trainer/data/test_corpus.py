@@ -3,7 +3,7 @@
 import random
 import re
 
-from trainer.corpus import FAMILIES, generate_dialogues, sample_prompts
+from trainer.data.corpus import FAMILIES, generate_dialogues, sample_prompts
 
 ROLES = {"system", "user", "assistant"}
 

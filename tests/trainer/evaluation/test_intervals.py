@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from trainer.intervals import wilson_interval
+from trainer.evaluation.intervals import wilson_interval
 
 
 def test_wilson_interval_by_hand():

@@ -1,14 +1,14 @@
 """The questions a round asks: PPO's from the train side of the split, the gate's from the judge side.
 
-Users' prompts and corpus prompts alike are kept only if trainer.split puts them on the wanted side, so
+Users' prompts and corpus prompts alike are kept only if trainer.data.split puts them on the wanted side, so
 the gate never asks a question PPO trained on, and neither asks a held-out one.
 """
 
 from __future__ import annotations
 
-from trainer.corpus import sample_prompts
 from trainer.data import Prompt, prompt_from_messages
-from trainer.split import DEFAULT_SPLIT, Side, SplitConfig, side_of
+from trainer.data.corpus import sample_prompts
+from trainer.data.split import DEFAULT_SPLIT, Side, SplitConfig, side_of
 
 # How far corpus_prompts looks, in prompts drawn per prompt wanted, before it settles for fewer: the
 # corpus repeats questions, and a side holds a share of them (judge: 0.3 by default).

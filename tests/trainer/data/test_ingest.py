@@ -11,10 +11,10 @@ from prometheus_client import REGISTRY
 
 from common.kafka import ensure_topics, make_producer
 from common.settings import SharedSettings
-from tests.trainer.test_store import completion, feedback, ref
-from trainer.ingest import Ingestor, ingest_consumer
+from tests.trainer.data.test_store import completion, feedback, ref
+from trainer.data.ingest import Ingestor, ingest_consumer
+from trainer.data.store import EventBatch, FeedbackStore
 from trainer.settings import TrainerSettings
-from trainer.store import EventBatch, FeedbackStore
 
 pytestmark = pytest.mark.kafka
 

@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
-from tests.trainer.test_ppo import policy_with_random_adapter
-from trainer.corpus import sample_prompts
+from tests.trainer.policy.test_ppo import policy_with_random_adapter
 from trainer.data import prompt_from_messages
-from trainer.ppo import PPOConfig, train_ppo
-from trainer.rollout import HFRollout, VllmRollout, ended
+from trainer.data.corpus import sample_prompts
+from trainer.policy.ppo import PPOConfig, train_ppo
+from trainer.policy.rollout import HFRollout, VllmRollout, ended
 from trainer.tokens import load_tokenizer, prompt_ids
 
 pytestmark = pytest.mark.slow  # starts a vLLM engine (about 20 s on the CPU)
