@@ -167,6 +167,8 @@ class CanaryTrial:
             if cfg.min_ratings == 0:
                 return Verdict(PROMOTED, f"{c.requests} requests with nothing against them, no promotion test "
                                          f"(min_ratings 0); {self._evidence()}")
+            if early := self._clearly_not_worse(tests):
+                return early
             if ready := [t for t in tests if t.ready and t.comparison.observations >= cfg.min_ratings]:
                 return self._non_inferiority(ready)
         if elapsed >= cfg.max_seconds:
@@ -193,6 +195,19 @@ class CanaryTrial:
         c, b, h = self.evidence.arms["canary"], self.evidence.arms["baseline"], self.evidence.head_to_head
         said = f"approval {c.approvals}/{c.ratings} against the baseline's {b.approvals}/{b.ratings}"
         return said + (f", preferred in {h.canary_wins} of {h.comparisons} direct comparisons" if h.comparisons else "")
+
+    def _clearly_not_worse(self, tests: list[_Test]) -> Verdict | None:
+        """Early promotion: an always-valid lower bound above -margin on one kind of evidence (with
+        `min_ratings` of it), and no kind's estimate below -margin."""
+        cfg = self.config
+        if any(t.comparison.difference < -t.margin for t in tests):
+            return None
+        for t in tests:
+            bound = t.comparison.always_valid_lower_bound(cfg.promotion_alpha, cfg.effect_scale)
+            if t.comparison.observations >= cfg.min_ratings and bound > -t.margin:
+                return Verdict(PROMOTED, f"clearly not worse ({t.name}: always-valid {1 - cfg.promotion_alpha:.0%} "
+                                         f"lower bound {bound:+.3f} against -{t.margin:.2f}); {self._evidence()}")
+        return None
 
     def _non_inferiority(self, tests: list[_Test]) -> Verdict:
         """The promotion test, once: every kind of evidence precise enough must exclude "worse by its margin"."""

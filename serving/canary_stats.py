@@ -15,6 +15,11 @@
   the difference is measured precisely enough: when its standard error is at most
   margin / (z(1 - alpha) + z(power)), the test excludes "worse by the margin" for an equal canary with
   probability `power`.
+- Early promotion, weighed every second: a canary clearly better (or clearly not worse) need not wait for
+  that precision. It is promoted as soon as the always-valid lower bound of one kind of evidence (the
+  confidence sequence of the same mixture) is above -margin and no kind's estimate is below -margin.
+  Being valid under continuous monitoring, this route adds at most alpha to the chance of promoting a
+  canary worse by the margin (simulated: tests/serving/test_canary.py).
 """
 
 from __future__ import annotations
@@ -42,6 +47,15 @@ class Comparison:
         mixed = self.null_variance + tau**2
         return (0.5 * math.log(self.null_variance / mixed)
                 + self.difference**2 * tau**2 / (2 * self.null_variance * mixed))
+
+    def always_valid_lower_bound(self, alpha: float, tau: float) -> float:
+        """Lower end of the mixture confidence sequence (the mSPRT inverted, Howard et al. 2021): it holds
+        at level 1 - alpha at every look at once, so it may be weighed every second. Its radius, with V
+        the estimate's variance: sqrt(V (V + tau^2) / tau^2 * (2 log(1/alpha) + log((V + tau^2) / V)))."""
+        variance = self.standard_error**2
+        mixed = variance + tau**2
+        radius = math.sqrt(variance * mixed / tau**2 * (2 * math.log(1 / alpha) + math.log(mixed / variance)))
+        return self.adjusted_difference - radius
 
     def lower_bound(self, alpha: float) -> float:
         """One-sided lower confidence bound of the difference at level 1 - alpha."""

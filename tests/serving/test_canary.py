@@ -339,6 +339,15 @@ def test_a_canary_ten_points_worse_is_not_promoted_and_an_equal_one_is():
     assert 195 <= equal_n <= 240  # about 216 canary ratings beside about 500 of the baseline (30% share)
 
 
+def test_a_clearly_better_canary_is_promoted_before_the_planned_sample_size():
+    better, better_n = simulate(TRIALS, comparison(0.65), "h2h-better")
+    print(f"comparisons, {TRIALS} canaries preferred 65%: promoted {better[PROMOTED]} (median {better_n})")
+    assert better[PROMOTED] == TRIALS and better_n < 400  # the planned size is about 720 comparisons
+    t = trial(min_requests=0)
+    t.evidence.head_to_head.comparisons, t.evidence.head_to_head.canary_wins = 211, 143  # a demo's canary
+    assert t.verdict().verdict == PROMOTED and "clearly not worse" in t.verdict().reason
+
+
 def test_on_comparisons_a_less_preferred_canary_is_not_promoted_and_an_equal_one_is():
     worse, worse_n = simulate(TRIALS, comparison(0.45), "h2h-worse")
     equal, equal_n = simulate(TRIALS, comparison(0.5), "h2h-equal")
