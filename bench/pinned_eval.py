@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import httpx
 
 from bench.hidden_preferences import HiddenPreference, Messages, last_question
+from bench.stack_observer import send_retrying
 from trainer.data import prompt_from_messages
 from trainer.data.corpus import sample_prompts
 from trainer.data.split import Side, prompt_key, side_of
@@ -77,7 +78,7 @@ async def measure_version(
         body = {"model": f"{served_model}@{version}", "messages": messages, "n": config.answers_per_question,
                 "seed": config.seed * 100_000 + index, "max_tokens": config.max_tokens}
         async with limit:
-            response = await http.post("/v1/chat/completions", json=body)
+            response = await send_retrying(http, "POST", "/v1/chat/completions", json=body)
         response.raise_for_status()
         question = last_question(messages)
         for choice in response.json()["choices"]:

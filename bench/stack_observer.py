@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,20 @@ class VersionRecord:
     round_metrics: dict[str, float] = field(default_factory=dict)
 
 
+async def send_retrying(http: httpx.AsyncClient, method: str, url: str, **kwargs) -> httpx.Response:
+    """A request, sent again (up to twice, a second apart) when its connection drops: uvicorn closes a
+    keep-alive connection idle for 5 s, the poll interval, and a request reusing it just then fails with
+    ReadError though the server is fine. Only the demo's own reads (idempotent) go through here."""
+    for attempt in range(3):
+        try:
+            return await http.request(method, url, **kwargs)
+        except httpx.TransportError:
+            if attempt == 2:
+                raise
+            await asyncio.sleep(1)
+    raise AssertionError("unreachable")
+
+
 class StackObserver:
     def __init__(self, http: httpx.AsyncClient, trainer_metrics_url: str):
         self.http = http
@@ -53,7 +68,7 @@ class StackObserver:
         return new
 
     async def _poll_models(self, now_s: float) -> list[str]:
-        response = await self.http.get("/v1/models")
+        response = await send_retrying(self.http, "GET", "/v1/models")
         response.raise_for_status()
         new = []
         for card in response.json()["data"]:
@@ -64,7 +79,7 @@ class StackObserver:
         return new
 
     async def _poll_admin(self) -> None:
-        response = await self.http.get("/v1/admin/policy")
+        response = await send_retrying(self.http, "GET", "/v1/admin/policy")
         response.raise_for_status()
         state = response.json()
         self.current = state["current"]
