@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import random
+import statistics
 import sys
 import uuid
 from collections import Counter
@@ -418,14 +419,47 @@ def test_a_much_worse_canary_is_caught_early():
     assert len(caught) == 100 and caught[50] < 400  # measured 135 in simulation
 
 
-def test_routing_share_and_sticky_users():
-    t = trial(fraction=0.1)
+def test_routing_per_request_puts_every_user_on_both_arms():
+    t = trial(fraction=0.3)
+    # Three users, 2,000 requests each: each user's own share of canary answers is the fraction.
+    for user in ("alice", "bob", None):
+        share = sum(t.takes(user) for _ in range(2000)) / 2000
+        assert abs(share - 0.3) < 4 * math.sqrt(0.3 * 0.7 / 2000)  # 4 standard errors: 0.041
+
+
+def test_routing_per_user_keeps_a_user_on_one_arm():
+    t = trial(fraction=0.1, routing="user")
     users = [uuid.uuid4().hex for _ in range(10_000)]
     share = sum(t.takes(u) for u in users) / len(users)
     assert abs(share - 0.1) < 4 * math.sqrt(0.1 * 0.9 / len(users))  # 4 standard errors: 0.012
-    assert all(t.takes(u) == t.takes(u) for u in users[:100])
+    assert all(len({t.takes(u) for _ in range(20)}) == 1 for u in users[:100])
     anonymous = sum(t.takes(None) for _ in range(10_000)) / 10_000
     assert abs(anonymous - 0.1) < 0.012
+
+
+def test_routing_per_request_is_not_confounded_by_who_is_on_which_arm():
+    """Eight users, one of whom asks questions that every answer satisfies, and two versions as good as
+    each other: routed per user the arms' approval differs by who is on which arm; per request it does not."""
+    def approval_gap(routing: str, seed: int) -> float:
+        random.seed(seed)
+        t = trial(fraction=0.3, routing=routing)
+        approvals = {True: [0, 0], False: [0, 0]}  # canary? -> [approved, rated]
+        for i in range(4000):
+            user = f"user-{i % 8}"
+            approved = user == "user-0" or random.random() < 0.5
+            tally = approvals[t.takes(user)]
+            tally[0] += approved
+            tally[1] += 1
+        (ca, cn), (ba, bn) = approvals[True], approvals[False]
+        return ca / max(cn, 1) - ba / max(bn, 1)
+
+    per_request = [approval_gap("request", seed) for seed in range(20)]
+    per_user = [approval_gap("user", seed) for seed in range(20)]
+    # Per request: the gap is noise around 0 (s.e. about 0.017 at 1,200 against 2,800 ratings).
+    assert max(abs(gap) for gap in per_request) < 0.07
+    # Per user, the canary name is the same in every seed, so the arms hold the same users each time: the
+    # gap is the same nonzero bias in every run (user-0's share of one arm against the other's).
+    assert statistics.mean(abs(gap) for gap in per_user) > 0.04
 
 
 def test_settings_read_the_canary_from_the_environment(monkeypatch):
@@ -543,9 +577,8 @@ def test_a_new_version_at_start_up_goes_into_canary(app_client, canary_settings,
     with app_client() as client:
         state = client.get("/v1/admin/policy").json()
         assert (state["current"], state["canary"]["version"], state["canary"]["baseline"]) == ("v1", "v2", "v1")
-        # A user stays on one arm for the whole trial.
-        for user in ("alice", "bob", "carol"):
-            assert len({chat(client, user=user)[0] for _ in range(10)}) == 1
+        # Routed per request: one user gets answers of both arms.
+        assert {chat(client, user="alice")[0] for _ in range(40)} == {"v1", "v2"}
         # Pinning a version asks for that version whatever the canary.
         assert {chat(client, model="rlhf-policy@v1")[0] for _ in range(10)} == {"v1"}
 
