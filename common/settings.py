@@ -48,3 +48,8 @@ class SharedSettings(BaseSettings):
     @property
     def policy_topic(self) -> str:
         return f"{self.topic_prefix}policy"
+
+    @property
+    def dead_letter_topic(self) -> str:
+        """Records a consumer could not parse, with why and where from (common/dead_letters.py)."""
+        return f"{self.topic_prefix}dead-letters"

@@ -14,6 +14,7 @@ from feedback.events import (
     RatingFeedback,
     SamplingRecord,
     ThumbsFeedback,
+    idempotent_event_id,
     parse_feedback,
     referenced_choices,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "RatingFeedback",
     "SamplingRecord",
     "ThumbsFeedback",
+    "idempotent_event_id",
     "parse_feedback",
     "referenced_choices",
 ]

@@ -2,19 +2,28 @@
 
 Serving produces `CompletionEvent` and `FeedbackEvent`; `PolicyEvent` comes from the trainer (a version
 published) and from serving (its canary's verdict on one); each side parses the other's with these same
-models. Every event carries `schema_version` so that consumers can
-refuse what they do not understand instead of misreading it.
+models.
+
+Schema versions: every event carries `schema_version`. A new version only adds optional fields, so a
+record of an older version parses as the current one with the new fields at their defaults; a record of a
+newer version than this code knows is refused (it may say what this consumer would misread), which sends
+it to the dead-letter topic (common/dead_letters.py) instead of into training. Feedback is at version 2
+(v2 added `comment`, `source`, `metadata`, pairwise `both_bad` and `shown_first`, and the event's
+`app_key_id`); completions and policy events are at version 1.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import uuid
 from datetime import UTC, datetime
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
-SCHEMA_VERSION = 1
+METADATA_MAX_BYTES = 2048
+COMMENT_MAX_CHARS = 4000
 
 
 def _new_id() -> str:
@@ -27,6 +36,19 @@ def _now() -> datetime:
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _Event(_Model):
+    """A record on a topic, refused when written under a newer schema than its class's `SCHEMA_VERSION`."""
+
+    SCHEMA_VERSION: ClassVar[int]
+
+    @model_validator(mode="after")
+    def _known_schema(self) -> _Event:
+        if self.schema_version > self.SCHEMA_VERSION:  # type: ignore[attr-defined]
+            raise ValueError(f"schema_version {self.schema_version} is newer than this reader's "
+                             f"{self.SCHEMA_VERSION} for {self.__class__.__name__}")
+        return self
 
 
 class Message(_Model):
@@ -55,11 +77,12 @@ class CompletionChoice(_Model):
     policy_version: str | None = None  # set when choices came from different versions (A/B); else the event's
 
 
-class CompletionEvent(_Model):
+class CompletionEvent(_Event):
     """One served chat completion: the prompt, every returned choice, and the policy that wrote them."""
 
+    SCHEMA_VERSION: ClassVar[int] = 1
     event_type: Literal["completion"] = "completion"
-    schema_version: int = SCHEMA_VERSION
+    schema_version: int = Field(SCHEMA_VERSION, ge=1)
     event_id: str = Field(default_factory=_new_id)
     created_at: datetime = Field(default_factory=_now)
     completion_id: str
@@ -74,6 +97,30 @@ class CompletionEvent(_Model):
 
 # --- Feedback kinds -------------------------------------------------------------------------------
 
+Scalar = str | int | float | bool | None
+
+
+class _Annotations(_Model):
+    """What feedback tools record beside the judgment (Langfuse scores, LangSmith feedback): optional."""
+
+    comment: str | None = Field(None, max_length=COMMENT_MAX_CHARS, description="The user's words, if any.")
+    source: Literal["end_user", "app", "operator"] = Field(
+        "end_user", description="Who judged: the end user, the app itself (e.g. an automatic check), or an "
+        "operator (a labeller).")
+    metadata: dict[str, Scalar] = Field(
+        default_factory=dict, description=f"Free key/value pairs (scalars), at most {METADATA_MAX_BYTES} "
+        "bytes as JSON: the app's own context (screen, experiment, ...).")
+
+    @field_validator("metadata")
+    @classmethod
+    def _bounded(cls, metadata: dict[str, Scalar]) -> dict[str, Scalar]:
+        if len(json.dumps(metadata).encode()) > METADATA_MAX_BYTES:
+            raise ValueError(f"metadata takes at most {METADATA_MAX_BYTES} bytes as JSON")
+        return metadata
+
+    def __hash__(self) -> int:  # frozen models hash their fields, and a dict (metadata) has no hash
+        return hash((type(self), self.model_dump_json()))
+
 
 class ChoiceRef(_Model):
     """One answer: choice `choice_index` of completion `completion_id`."""
@@ -82,39 +129,46 @@ class ChoiceRef(_Model):
     choice_index: int = Field(default=0, ge=0)
 
 
-class ThumbsFeedback(ChoiceRef):
+class ThumbsFeedback(_Annotations, ChoiceRef):
     type: Literal["thumbs"]
     rating: Literal["up", "down"]
 
 
-class RatingFeedback(ChoiceRef):
+class RatingFeedback(_Annotations, ChoiceRef):
     """A 1-7 Likert score, the scale InstructGPT's labelers used."""
 
     type: Literal["rating"]
     score: int = Field(ge=1, le=7)
 
 
-class CorrectionFeedback(ChoiceRef):
+class CorrectionFeedback(_Annotations, ChoiceRef):
     """The answer the user wanted instead: a demonstration for supervised fine-tuning."""
 
     type: Literal["correction"]
     text: str = Field(min_length=1, max_length=32_000)
 
 
-class PairwiseFeedback(_Model):
+class PairwiseFeedback(_Annotations):
+    """A choice between two answers; Chatbot Arena's four votes are a, b, tie and tie with `both_bad`."""
+
     type: Literal["pairwise"]
     a: ChoiceRef
     b: ChoiceRef
     preference: Literal["a", "b", "tie"]
+    both_bad: bool = Field(False, description="With preference 'tie': neither answer is good.")
+    shown_first: Literal["a", "b"] | None = Field(
+        None, description="Which answer the user saw first (left or top): to measure position bias.")
 
     @model_validator(mode="after")
-    def _distinct(self) -> PairwiseFeedback:
+    def _consistent(self) -> PairwiseFeedback:
         if self.a == self.b:
             raise ValueError("'a' and 'b' must name two different answers")
+        if self.both_bad and self.preference != "tie":
+            raise ValueError("'both_bad' goes with preference 'tie'")
         return self
 
 
-class RankingFeedback(_Model):
+class RankingFeedback(_Annotations):
     """Answers to one prompt ordered best first (K >= 2)."""
 
     type: Literal["ranking"]
@@ -147,21 +201,35 @@ def referenced_choices(feedback: Feedback) -> list[ChoiceRef]:
     return [ChoiceRef(completion_id=feedback.completion_id, choice_index=feedback.choice_index)]
 
 
-class FeedbackEvent(_Model):
+class FeedbackEvent(_Event):
+    """One piece of feedback as serving accepted it, attributed to the app key and the (hashed) end user.
+
+    `event_id` is random, or derived from the client's idempotency key (`idempotent_event_id`): a retry
+    accepted by another replica then carries the same id, and the trainer stores one of the two."""
+
+    SCHEMA_VERSION: ClassVar[int] = 2
     event_type: Literal["feedback"] = "feedback"
-    schema_version: int = SCHEMA_VERSION
+    schema_version: int = Field(SCHEMA_VERSION, ge=1)
     event_id: str = Field(default_factory=_new_id)
     received_at: datetime = Field(default_factory=_now)
     feedback: Feedback
-    user_hash: str | None = None
+    user_hash: str | None = None  # the request's `user`, hashed as for completions
+    app_key_id: str | None = None  # which app key sent it (a digest of the key, never the key)
 
 
-class PolicyEvent(_Model):
+def idempotent_event_id(app_key_id: str | None, idempotency_key: str) -> str:
+    """The event id of feedback sent with an idempotency key: the same on every replica, and scoped to the
+    app key, so that two apps choosing the same key never collide (Stripe's rule)."""
+    return hashlib.sha256(f"{app_key_id or ''}\0{idempotency_key}".encode()).hexdigest()[:32]
+
+
+class PolicyEvent(_Event):
     """A policy version's news: published to the registry by the trainer, or promoted or rolled back by a
     serving replica's canary (so that every replica follows the verdict)."""
 
+    SCHEMA_VERSION: ClassVar[int] = 1
     event_type: Literal["policy"] = "policy"
-    schema_version: int = SCHEMA_VERSION
+    schema_version: int = Field(SCHEMA_VERSION, ge=1)
     event_id: str = Field(default_factory=_new_id)
     created_at: datetime = Field(default_factory=_now)
     version: str

@@ -14,6 +14,7 @@ import logging
 import threading
 from collections.abc import Awaitable, Callable, Sequence
 
+from common.dead_letters import DeadLetter, DeadLetterProducer, parse_record
 from common.kafka import ensure_topics, make_consumer
 from common.registry import PROMOTED, PolicyRegistry, PolicyVersion
 from common.settings import SharedSettings
@@ -237,6 +238,7 @@ class PolicyFollower:
     def __init__(self, settings: SharedSettings, manager: PolicyManager, loop: asyncio.AbstractEventLoop):
         ensure_topics(settings, [settings.policy_topic])  # one partition: announcements stay in order
         self._consumer = make_consumer(settings, [settings.policy_topic], group_id=None, auto_offset_reset="latest")
+        self._dead_letters = DeadLetterProducer(settings)
         self._manager = manager
         self._loop = loop
         self._stopping = threading.Event()
@@ -253,17 +255,21 @@ class PolicyFollower:
         self._stopping.set()
         self._thread.join(timeout=10)
         self._consumer.close()
+        self._dead_letters.close()
 
     def _follow(self) -> None:
         while not self._stopping.is_set():
             for records in self._consumer.poll(timeout_ms=500).values():
                 for record in records:
-                    self._handle(record.value)
+                    event = parse_record(record, PolicyEvent.model_validate_json, consumer="serving")
+                    if isinstance(event, DeadLetter):
+                        self._dead_letters.send(event)
+                    else:
+                        self._apply(event)
 
-    def _handle(self, raw: str) -> None:
+    def _apply(self, event: PolicyEvent) -> None:
         try:
-            event = PolicyEvent.model_validate_json(raw)
             future = asyncio.run_coroutine_threadsafe(self._manager.follow(event), self._loop)
             future.result(timeout=120)
         except Exception:
-            log.exception("could not apply the policy announcement: %s", raw[:500])
+            log.exception("could not apply the policy announcement %s", event.model_dump_json())

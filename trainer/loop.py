@@ -250,7 +250,7 @@ class TrainingLoop:
         started = datetime.now(UTC)
         round_dir = self.settings.work_dir / "rounds" / f"{number:06d}"
         plan = self._plan(number, round_dir)
-        snapshot = self.store.training_snapshot(plan.feedback_ids)
+        snapshot = self.store.training_snapshot(plan.feedback_ids, self.settings.max_feedback_per_user)
         record = RoundRecord(number, started, "published", snapshot.feedback_total, snapshot.new_feedback_ids)
         train_side = split_dataset(snapshot.data.reward)[Side.TRAIN]
         _log(
@@ -369,6 +369,7 @@ class TrainingLoop:
                 "judge", record.round, judge_dir, new[Side.JUDGE], seen[Side.JUDGE], heldout, previous_judge
             )
         round_metrics = {
+            "feedback/capped_per_user": float(snapshot.capped),
             **{f"reward_model/{name}": value for name, value in rm_metrics.items()},
             **{f"judge/{name}": value for name, value in (judge_metrics or {}).items()},
         }

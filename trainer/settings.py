@@ -62,6 +62,12 @@ class TrainerSettings(SharedSettings):
         ge=0,
         description="Corpus dialogues in PPO's language-model (ptx) term, beside users' corrections.",
     )
+    max_feedback_per_user: int = Field(
+        1000, ge=0, description="A round trains on at most this many feedback events of one end user "
+        "(`user_hash`), their latest: one user cannot outweigh everyone else. Anonymous feedback is not "
+        "capped (serving's per-key rate limit bounds it). The events left out are counted in the round's "
+        "metrics (feedback/capped_per_user). 0: no cap.",
+    )
     seed: int = Field(0, description="Seed of a round's corpus sampling; the round number is added to it.")
     torch_threads: int = Field(
         1, ge=1, description="CPU threads of the trainer's torch (its training and, on the CPU, its rollout "

@@ -1,7 +1,8 @@
 """Completions and feedback from Kafka into the store, on a thread of their own.
 
 Each polled batch is parsed, stored in one SQLite transaction, and only then are the offsets of exactly
-those records committed. A crash between the two re-delivers the batch on restart; the store ignores
+those records committed. A record that does not parse is kept in the store's dead-letter table and sent to
+the dead-letter topic (common/dead_letters.py) before its offset is committed; it never stops the thread. A crash between the two re-delivers the batch on restart; the store ignores
 what it already holds (events are keyed by id), so nothing is lost and nothing is counted twice.
 
 kafka-python consumers are not thread-safe: the consumer is created, used and closed on the ingest thread.
@@ -16,13 +17,13 @@ from kafka import KafkaConsumer
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata, TopicPartition
-from pydantic import BaseModel, ValidationError
 
+from common.dead_letters import DeadLetter, DeadLetterProducer, parse_record
 from common.kafka import make_consumer
 from common.settings import SharedSettings
-from feedback.events import SCHEMA_VERSION, CompletionEvent, FeedbackEvent
+from feedback.events import CompletionEvent, FeedbackEvent
 from trainer import metrics
-from trainer.data.store import DeadLetter, EventBatch, FeedbackStore
+from trainer.data.store import EventBatch, FeedbackStore
 from trainer.settings import TrainerSettings
 
 log = logging.getLogger(__name__)
@@ -33,35 +34,19 @@ MAX_POLL_RECORDS = 500
 
 def parse_batch(records: dict[TopicPartition, list[ConsumerRecord]], settings: SharedSettings) -> EventBatch:
     """Parse polled records by topic; what does not parse becomes a dead letter."""
-    models: dict[str, type[BaseModel]] = {
-        settings.completions_topic: CompletionEvent,
-        settings.feedback_topic: FeedbackEvent,
-    }
+    models = {settings.completions_topic: CompletionEvent, settings.feedback_topic: FeedbackEvent}
     batch = EventBatch()
     for partition, messages in records.items():
-        model = models[partition.topic]
+        parse = models[partition.topic].model_validate_json
         for message in messages:
-            try:
-                event = _parse(model, message.value)
-            except (ValidationError, ValueError) as exc:
-                batch.dead_letters.append(
-                    DeadLetter(partition.topic, partition.partition, message.offset, message.value, str(exc))
-                )
-                continue
-            if isinstance(event, CompletionEvent):
-                batch.completions.append(event)
-            else:
-                batch.feedback.append(event)
+            match parse_record(message, parse, consumer="trainer"):
+                case DeadLetter() as letter:
+                    batch.dead_letters.append(letter)
+                case CompletionEvent() as event:
+                    batch.completions.append(event)
+                case event:
+                    batch.feedback.append(event)
     return batch
-
-
-def _parse(model: type[BaseModel], value: str | None) -> BaseModel:
-    if value is None:
-        raise ValueError("record has no value")
-    event = model.model_validate_json(value)
-    if event.schema_version != SCHEMA_VERSION:
-        raise ValueError(f"schema_version {event.schema_version} is not the supported {SCHEMA_VERSION}")
-    return event
 
 
 def ingest_consumer(settings: TrainerSettings) -> KafkaConsumer:
@@ -76,6 +61,7 @@ class Ingestor:
     def __init__(self, settings: TrainerSettings, store: FeedbackStore):
         self._settings = settings
         self._store = store
+        self._dead_letters = DeadLetterProducer(settings)
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ingest", daemon=True)
         self.error: BaseException | None = None
@@ -110,12 +96,16 @@ class Ingestor:
         finally:
             if consumer is not None:
                 consumer.close(autocommit=False)
+            self._dead_letters.close()
             log.info("ingest.stopped")
 
     def _ingest(self, consumer: KafkaConsumer, records: dict[TopicPartition, list[ConsumerRecord]]) -> None:
         batch = parse_batch(records, self._settings)
         counts = self._store.save_batch(batch)
         metrics.count_stored(counts)
+        for letter in batch.dead_letters:
+            self._dead_letters.send(letter)
+        self._dead_letters.flush()
         offsets = {
             partition: OffsetAndMetadata(messages[-1].offset + 1, "", -1)
             for partition, messages in records.items()

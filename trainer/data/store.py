@@ -24,6 +24,7 @@ from itertools import combinations, groupby
 from pathlib import Path
 from typing import NamedTuple
 
+from common.dead_letters import DeadLetter
 from feedback.events import (
     ChoiceRef,
     CompletionEvent,
@@ -101,17 +102,6 @@ WHERE NOT EXISTS (
 """
 
 
-@dataclass(frozen=True)
-class DeadLetter:
-    """A record that could not be parsed into an event, kept with where it came from and why."""
-
-    topic: str
-    partition: int
-    offset: int
-    value: str | None
-    error: str
-
-
 @dataclass
 class EventBatch:
     """What one poll of the consumer yielded, parsed."""
@@ -140,6 +130,7 @@ class TrainingSnapshot:
     feedback_total: int
     new_feedback_ids: tuple[str, ...]
     feedback_ids: tuple[str, ...]  # all of it, in arrival order: a resumed round reads the same again
+    capped: int = 0  # feedback events left out because their user had more than the cap (max_per_user)
 
 
 @dataclass(frozen=True)
@@ -247,7 +238,7 @@ class FeedbackStore:
             for letter in batch.dead_letters:
                 counts.dead_letters += db.execute(
                     "INSERT OR IGNORE INTO dead_letters VALUES (?, ?, ?, ?, ?, ?)",
-                    (letter.topic, letter.partition, letter.offset, letter.value, letter.error, _now()),
+                    (letter.topic, letter.partition, letter.offset, letter.value, letter.reason, _now()),
                 ).rowcount
         return counts
 
@@ -285,9 +276,12 @@ class FeedbackStore:
                 f"SELECT COUNT(*) FROM ({READY_FEEDBACK}) WHERE first_round IS NULL"
             ).fetchone()[0]
 
-    def training_snapshot(self, event_ids: Collection[str] | None = None) -> TrainingSnapshot:
+    def training_snapshot(self, event_ids: Collection[str] | None = None, max_per_user: int = 0) -> TrainingSnapshot:
         """All ready feedback as training data, or only the feedback `event_ids` names (an interrupted
-        round's, to train on the same data again). Reads everything each round: fine at this scale."""
+        round's, to train on the same data again). Reads everything each round: fine at this scale.
+
+        `max_per_user` (0: none) caps one user's weight: of the feedback events of one `user_hash` only the
+        latest `max_per_user` count (anonymous feedback is not capped: the app key's rate limit bounds it)."""
         with self._reading() as db:
             rows = db.execute(READY_FEEDBACK + " ORDER BY f.seq").fetchall()
             completion_rows = db.execute(
@@ -299,7 +293,8 @@ class FeedbackStore:
             rows = [row for row in rows if row[0] in wanted]
         feedback = [FeedbackEvent.model_validate_json(payload) for _, payload, _ in rows]
         completions = [CompletionEvent.model_validate_json(payload) for (payload,) in completion_rows]
-        opinions = _opinions(feedback, {c.completion_id: c for c in completions})
+        opinions, capped = _cap_per_user(_opinions(feedback, {c.completion_id: c for c in completions}),
+                                         max_per_user)
         new_ids = tuple(event_id for event_id, _, first_round in rows if first_round is None)
         new = set(new_ids)
         return TrainingSnapshot(
@@ -309,6 +304,7 @@ class FeedbackStore:
             feedback_total=len(rows),
             new_feedback_ids=new_ids,
             feedback_ids=tuple(event_id for event_id, _, _ in rows),
+            capped=capped,
         )
 
     def user_prompts(self, limit: int) -> list[Prompt]:
@@ -392,6 +388,7 @@ class _Kept(NamedTuple):
     order: tuple[float, int]  # received_at, then arrival: of two opinions on one thing the later is kept
     place: int  # where in its event it came from (a ranking's pairs keep their order)
     event_id: str
+    user: str | None
     item: PointwiseLabel | _Pair | Demonstration | None  # None: a tie, which replaces an earlier preference
 
 
@@ -422,7 +419,7 @@ def _opinions(feedback: Iterable[FeedbackEvent], completions: Mapping[str, Compl
                 target = likert_target(item.score)
             case PairwiseFeedback() if item.preference == "tie":
                 key = ("pair", user, prompt, frozenset(answer.text for answer in answers))
-                keep(key, _Kept(order, 0, event.event_id, None))
+                keep(key, _Kept(order, 0, event.event_id, user, None))
             case PairwiseFeedback():
                 a, b = answers
                 comparisons.append((a, b) if item.preference == "a" else (b, a))
@@ -430,16 +427,28 @@ def _opinions(feedback: Iterable[FeedbackEvent], completions: Mapping[str, Compl
                 comparisons += list(combinations(answers, 2))  # `ranked` is best first
             case CorrectionFeedback():
                 key = ("demonstration", user, prompt, item.text)
-                keep(key, _Kept(order, 0, event.event_id, Demonstration(prompt, item.text)))
+                keep(key, _Kept(order, 0, event.event_id, user, Demonstration(prompt, item.text)))
                 comparisons.append((_Answer(prompt, item.text), answers[0]))
         if target is not None:  # thumbs and ratings both rate one answer: the latest of either stands
             label = PointwiseLabel(prompt, answers[0].text, target)
-            keep(("rating", user, prompt, label.response), _Kept(order, 0, event.event_id, label))
+            keep(("rating", user, prompt, label.response), _Kept(order, 0, event.event_id, user, label))
         for place, (better, worse) in enumerate(comparisons):
             if better.text != worse.text:  # a pair of identical texts teaches nothing
                 key = ("pair", user, prompt, frozenset((better.text, worse.text)))
-                keep(key, _Kept(order, place, event.event_id, _Pair(prompt, better.text, worse.text)))
+                keep(key, _Kept(order, place, event.event_id, user, _Pair(prompt, better.text, worse.text)))
     return sorted(kept.values(), key=lambda opinion: (opinion.order, opinion.place))
+
+
+def _cap_per_user(opinions: list[_Kept], max_per_user: int) -> tuple[list[_Kept], int]:
+    """Keep the opinions of each user's latest `max_per_user` events (0: all); also how many events went."""
+    if max_per_user <= 0:
+        return opinions, 0
+    events: dict[str, dict[str, None]] = {}  # user -> their event ids, in arrival order
+    for opinion in opinions:
+        if opinion.user is not None:
+            events.setdefault(opinion.user, {})[opinion.event_id] = None
+    dropped = {event_id for ids in events.values() for event_id in list(ids)[:-max_per_user]}
+    return [opinion for opinion in opinions if opinion.event_id not in dropped], len(dropped)
 
 
 def _training_data(opinions: Iterable[_Kept]) -> TrainingData:

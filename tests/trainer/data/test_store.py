@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from common.dead_letters import DeadLetter
 from feedback.events import CompletionChoice, CompletionEvent, FeedbackEvent, Message, SamplingRecord
 from trainer.data import Demonstration, PointwiseLabel, PreferenceGroup, prompt_from_messages
 from trainer.data.store import (
     ROUNDS_TABLE,
     SCHEMA,
-    DeadLetter,
     EventBatch,
     FeedbackStore,
     RoundRecord,
@@ -231,7 +231,7 @@ def test_a_replayed_batch_is_stored_once(store: FeedbackStore):
     batch = EventBatch(
         completions=[COMPLETIONS["c1"]],
         feedback=[feedback(type="thumbs", rating="up", **ref("c1"))],
-        dead_letters=[DeadLetter("t", 0, 7, "{not json", "bad")],
+        dead_letters=[DeadLetter(topic="t", partition=0, offset=7, value="{not json", reason="bad", consumer="trainer")],
     )
     first = store.save_batch(batch)
     again = store.save_batch(batch)
@@ -246,9 +246,8 @@ def test_a_replayed_batch_is_stored_once(store: FeedbackStore):
 
 
 def test_a_batch_that_fails_midway_stores_nothing(store: FeedbackStore):
-    broken = DeadLetter(
-        "t", 0, 1, object(), "bad"
-    )  # SQLite cannot bind it: fails after the completion went in
+    # SQLite cannot bind a value that is not text: the batch fails after the completion went in.
+    broken = DeadLetter.model_construct(topic="t", partition=0, offset=1, value=object(), reason="bad")
     with pytest.raises(sqlite3.Error):
         store.save_batch(EventBatch(completions=[COMPLETIONS["c1"]], dead_letters=[broken]))
     assert store.row_counts()["completions"] == 0
