@@ -12,7 +12,7 @@ from fastapi import Depends, FastAPI
 from common.registry import PolicyRegistry
 from serving.auth import require_admin_key, require_api_key
 from serving.chat import ChatService
-from serving.completion_index import CompletionIndex
+from serving.completion_ids import CompletionIds
 from serving.engine import EngineClient
 from serving.errors import install_error_handlers
 from serving.event_log import EventSink
@@ -42,6 +42,7 @@ def build_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        ids = CompletionIds.from_settings(settings)  # first: a bad key fails before the engine loads
         engine = make_engine()
         events = make_events()
         policies = PolicyManager(engine, PolicyRegistry(settings.registry_dir), settings.served_model_name,
@@ -52,10 +53,9 @@ def build_app(
             await asyncio.to_thread(follower.start)
         await policies.start()
         reviews = asyncio.create_task(_review_canary(policies, settings.canary.check_interval_s))
-        index = CompletionIndex(settings.completion_index_size)
         app.state.engine, app.state.events, app.state.policies = engine, events, policies
-        app.state.completion_index = index
-        app.state.chat = ChatService(engine, policies, events, index, max_n=settings.max_n)
+        app.state.completion_ids = ids
+        app.state.chat = ChatService(engine, policies, events, ids, max_n=settings.max_n)
         log.info("serving %s at policy %s", settings.served_model_name, policies.current.name)
         try:
             yield

@@ -12,14 +12,13 @@ import dataclasses
 import hashlib
 import random
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from common.registry import PolicyVersion
 from feedback import CompletionChoice, CompletionEvent, Message, SamplingRecord
 from serving import metrics
-from serving.completion_index import CompletionIndex
+from serving.completion_ids import CompletionIds
 from serving.engine import EngineClient, GenerationUpdate, SamplingOptions
 from serving.engine import TokenLogprob as EngineTokenLogprob
 from serving.errors import bad_request
@@ -53,12 +52,8 @@ class PreparedChat:
     options: SamplingOptions
     user_hash: str | None
     evidence: bool  # routed by serving, not pinned nor an operator's: counts for the canary
+    versions: list[str]  # the version that writes each choice (signed into the completion id)
     ab_policies: list[PolicyVersion] | None = None  # A/B: choice i comes from ab_policies[i]
-
-    @property
-    def versions(self) -> list[str]:
-        """The version that writes each choice."""
-        return [p.name for p in self.ab_policies] if self.ab_policies else [self.policy.name] * self.options.n
 
 
 def hash_user(user: str | None) -> str | None:
@@ -77,12 +72,12 @@ def openai_logprobs(logprobs: list[EngineTokenLogprob] | None) -> ChoiceLogprobs
 
 
 class ChatService:
-    def __init__(self, engine: EngineClient, policies: PolicyManager, events: EventSink, index: CompletionIndex,
+    def __init__(self, engine: EngineClient, policies: PolicyManager, events: EventSink, ids: CompletionIds,
                  max_n: int):
         self._engine = engine
         self._policies = policies
         self._events = events
-        self._index = index
+        self._ids = ids
         self._max_n = max_n
 
     def prepare(self, request: ChatCompletionRequest, operator: bool = False) -> PreparedChat:
@@ -117,9 +112,11 @@ class ChatService:
             frequency_penalty=request.frequency_penalty,
             logprobs=(request.top_logprobs or 0) if request.logprobs else None,
         )
+        versions = [p.name for p in ab_policies] if ab_policies else [policy.name] * options.n
+        created = int(time.time())
         return PreparedChat(
-            completion_id=f"chatcmpl-{uuid.uuid4().hex}",
-            created=int(time.time()),
+            completion_id=self._ids.issue(versions, created),
+            created=created,
             model=f"{self._policies.served_model_name}@{policy.name}",
             policy=policy,
             messages=messages,
@@ -127,6 +124,7 @@ class ChatService:
             options=options,
             user_hash=user_hash,
             evidence=not operator and self._policies.routes(request.model),
+            versions=versions,
             ab_policies=ab_policies,
         )
 
@@ -203,7 +201,6 @@ class ChatService:
     def _finished(self, chat: PreparedChat, transcript: _Transcript) -> None:
         metrics.GENERATED_TOKENS.labels(chat.policy.name).inc(sum(transcript.tokens))
         self._observe(chat, failed=False)
-        self._index.add(chat.completion_id, chat.versions)
         o = chat.options
         self._events.log_completion(
             CompletionEvent(

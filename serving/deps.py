@@ -5,7 +5,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from serving.chat import ChatService
-from serving.completion_index import CompletionIndex
+from serving.completion_ids import CompletionIds
 from serving.engine import EngineClient
 from serving.event_log import EventSink
 from serving.policy import PolicyManager
@@ -22,5 +22,5 @@ def _state(name: str):
 ChatServiceDep = Annotated[ChatService, _state("chat")]
 PoliciesDep = Annotated[PolicyManager, _state("policies")]
 EventsDep = Annotated[EventSink, _state("events")]
-CompletionIndexDep = Annotated[CompletionIndex, _state("completion_index")]
+CompletionIdsDep = Annotated[CompletionIds, _state("completion_ids")]
 EngineDep = Annotated[EngineClient, _state("engine")]

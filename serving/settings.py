@@ -1,6 +1,8 @@
 """Serving settings, from SERVING_* environment variables (plus the shared KAFKA_/RLHF_ ones)."""
 
-from pydantic import Field
+from pathlib import Path
+
+from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from common.settings import SharedSettings
@@ -20,11 +22,18 @@ class ServingSettings(SharedSettings):
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="GPU backend only: memory fraction.")
     max_loras: int = Field(4, ge=2, description="Adapters resident at once: at least the current and previous.")
     max_lora_rank: int = Field(16, description="Largest LoRA rank a published policy may have.")
-    max_n: int = Field(4, ge=1, description="Largest `n` (choices per request) accepted.")
+    max_n: int = Field(4, ge=1, le=128, description="Largest `n` (choices per request) accepted.")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Requests with a larger body get 413.")
-    completion_index_size: int = Field(
-        100_000, ge=1, description="Recent completion ids remembered, to reject feedback on unknown ones."
-    )
+    completion_key: SecretStr | None = Field(
+        None, description="HMAC key (32+ characters) that signs completion ids (serving/completion_ids.py); "
+        "every replica needs the same one. Unset: the key in `completion_key_file` (local mode).")
+    completion_previous_key: SecretStr | None = Field(
+        None, description="The key before the last rotation: ids it signed are still accepted.")
+    completion_key_file: Path = Field(
+        Path("var/serving/completion-key"), description="Used when `completion_key` is unset: made with a "
+        "random key on first start, so local restarts and replicas started from one directory share it.")
+    completion_id_max_age_s: int = Field(
+        7 * 24 * 3600, gt=0, description="Feedback is accepted on completions at most this old (seconds).")
     event_queue_size: int = Field(
         10_000, ge=1, description="Completion events buffered for Kafka before new ones are dropped (counted)."
     )
