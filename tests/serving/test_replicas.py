@@ -4,6 +4,8 @@ restarted in between; an id neither issued is refused by both."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -30,8 +32,10 @@ def settings(kafka_settings, tmp_path, request) -> ServingSettings:
     )
 
 
-def replica(settings: ServingSettings) -> TestClient:
-    app = build_app(settings, FakeEngine, lambda: KafkaEventLog(settings, queue_size=100, ack_timeout_s=10))
+def replica(settings: ServingSettings, spool_dir: Path) -> TestClient:
+    """A replica with its own spool (a replica's own disk), sharing the directory that holds the key."""
+    app = build_app(settings, FakeEngine,
+                    lambda: KafkaEventLog(settings, spool_dir, queue_size=100, ack_timeout_s=10))
     return TestClient(app, raise_server_exceptions=False)
 
 
@@ -51,8 +55,8 @@ def feedback_on_topic(settings: ServingSettings, expected: int) -> dict[str, Fee
     return {record.key: FeedbackEvent.model_validate_json(record.value) for record in records}
 
 
-def test_feedback_reaches_the_other_replica(settings):
-    with replica(settings) as one, replica(settings) as two:
+def test_feedback_reaches_the_other_replica(settings, tmp_path):
+    with replica(settings, tmp_path / "spool-1") as one, replica(settings, tmp_path / "spool-2") as two:
         served_by_one, served_by_two = serve(one, n=2), serve(two, ab=True)
         accepted = [thumbs(two, served_by_one, choice_index=1), thumbs(one, served_by_two, choice_index=1)]
         assert [r.status_code for r in accepted] == [202, 202], [r.text for r in accepted]
@@ -64,17 +68,17 @@ def test_feedback_reaches_the_other_replica(settings):
     assert arrived[served_by_one].feedback.choice_index == 1
 
 
-def test_a_restarted_replica_accepts_feedback_on_what_it_served_before(settings):
-    with replica(settings) as before:
+def test_a_restarted_replica_accepts_feedback_on_what_it_served_before(settings, tmp_path):
+    with replica(settings, tmp_path / "spool") as before:
         served = serve(before)
-    with replica(settings) as after:  # a new process in all but name: nothing carried over in memory
+    with replica(settings, tmp_path / "spool") as after:  # a new process in all but name: nothing carried over in memory
         response = thumbs(after, served)
     assert response.status_code == 202, response.text
     assert feedback_on_topic(settings, 1)[served].event_id == response.json()["id"]
 
 
-def test_an_id_no_replica_issued_is_refused_by_both(settings):
-    with replica(settings) as one, replica(settings) as two:
+def test_an_id_no_replica_issued_is_refused_by_both(settings, tmp_path):
+    with replica(settings, tmp_path / "spool-1") as one, replica(settings, tmp_path / "spool-2") as two:
         genuine = serve(one)
         forged_key = CompletionIds("f" * 32).issue(["v0"])
         tampered = genuine[:-1] + ("A" if genuine[-1] != "A" else "B")
