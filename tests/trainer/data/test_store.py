@@ -340,3 +340,21 @@ def test_a_store_from_before_the_evaluation_gate_accepts_rejected_rounds(tmp_pat
     assert store.last_reward_model_dir() == Path("rm/2")
     store.close()
     FeedbackStore(path).close()  # a migrated store opens as it is
+
+
+def test_a_round_takes_at_most_the_cap_of_one_users_feedback_their_latest(store: FeedbackStore):
+    answers = [f"Answer {i}." for i in range(6)]
+    store.save_batch(EventBatch(completions=[completion("many", answers)]))
+    heavy = [feedback(user="heavy", at=i, type="thumbs", rating="up", **ref("many", i)) for i in range(6)]
+    light = [feedback(user="light", at=10, type="thumbs", rating="down", **ref("many", 0))]
+    anonymous = [feedback(at=20 + i, type="thumbs", rating="down", **ref("many", i)) for i in range(4)]
+    store.save_batch(EventBatch(feedback=heavy + light + anonymous))
+
+    capped = store.training_snapshot(max_per_user=2)
+    assert capped.capped == 4
+    rated = [(label.response, label.target) for label in capped.data.reward.pointwise]
+    # heavy: only their latest two; light: theirs; anonymous: not capped.
+    assert rated == [("Answer 4.", 1.0), ("Answer 5.", 1.0), ("Answer 0.", 0.0)] + [
+        (answers[i], 0.0) for i in range(4)]
+    uncapped = store.training_snapshot()
+    assert (uncapped.capped, len(uncapped.data.reward.pointwise)) == (0, 11)
