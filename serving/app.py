@@ -16,6 +16,7 @@ from serving.completion_ids import CompletionIds
 from serving.engine import EngineClient
 from serving.errors import install_error_handlers
 from serving.event_log import EventSink
+from serving.feedback_intake import FeedbackIntake
 from serving.middleware import BodySizeLimit, RequestMetrics
 from serving.policy import PolicyFollower, PolicyManager
 from serving.routes import admin, chat, feedback, health, models, page
@@ -55,6 +56,7 @@ def build_app(
         reviews = asyncio.create_task(_review_canary(policies, settings.canary.check_interval_s))
         app.state.engine, app.state.events, app.state.policies = engine, events, policies
         app.state.completion_ids = ids
+        app.state.feedback_intake = FeedbackIntake(settings, events, policies)
         app.state.chat = ChatService(engine, policies, events, ids, max_n=settings.max_n)
         log.info("serving %s at policy %s", settings.served_model_name, policies.current.name)
         try:

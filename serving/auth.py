@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 
 from fastapi import Request
@@ -38,6 +39,15 @@ async def require_admin_key(request: Request) -> None:
 def is_admin(request: Request) -> bool:
     """Whether a request carries the admin key (an operator's, when one is set)."""
     return _matches(_bearer(request), _admin(request))
+
+
+def key_id(request: Request) -> str | None:
+    """Which app key sent a request, as a digest that names the key without revealing it; None when the API
+    needs no key (any bearer token then proves nothing)."""
+    token = _bearer(request)
+    if not request.app.state.settings.api_keys or token is None:
+        return None
+    return "key-" + hashlib.sha256(token.encode()).hexdigest()[:16]
 
 
 def _admin(request: Request) -> list[str]:

@@ -8,6 +8,7 @@ from serving.chat import ChatService
 from serving.completion_ids import CompletionIds
 from serving.engine import EngineClient
 from serving.event_log import EventSink
+from serving.feedback_intake import FeedbackIntake
 from serving.policy import PolicyManager
 
 
@@ -24,3 +25,4 @@ PoliciesDep = Annotated[PolicyManager, _state("policies")]
 EventsDep = Annotated[EventSink, _state("events")]
 CompletionIdsDep = Annotated[CompletionIds, _state("completion_ids")]
 EngineDep = Annotated[EngineClient, _state("engine")]
+FeedbackIntakeDep = Annotated[FeedbackIntake, _state("feedback_intake")]

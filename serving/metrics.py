@@ -21,6 +21,7 @@ CANARY_FIGURE = Gauge("rlhf_canary_figure", "The running canary's evidence (requ
                       "approvals of each arm; fraction; seconds).", ["figure"])
 CANARY_VERDICTS = Counter("rlhf_canary_verdicts_total", "Canaries concluded, by verdict.", ["verdict"])
 FEEDBACK = Counter("rlhf_feedback_total", "Feedback accepted, by type.", ["type"])
+FEEDBACK_REJECTED = Counter("rlhf_feedback_rejected_total", "Feedback refused for abuse, by reason.", ["reason"])
 EVENTS_SENT = Counter("rlhf_events_sent_total", "Events acknowledged by Kafka, by topic kind.", ["kind"])
 EVENTS_FAILED = Counter("rlhf_events_failed_total", "Events Kafka did not take (after the client's retries).", ["kind"])
 EVENTS_DROPPED = Counter("rlhf_completion_events_dropped_total", "Completion events dropped: buffer full.")

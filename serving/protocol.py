@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, field_validator, model_validator
 
-from feedback import Feedback
+from feedback import (
+    CorrectionFeedback,
+    Feedback,
+    PairwiseFeedback,
+    RankingFeedback,
+    RatingFeedback,
+    ThumbsFeedback,
+    parse_feedback,
+)
 
 
 class ErrorInfo(BaseModel):
@@ -189,11 +197,62 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-class FeedbackRequest(RootModel[Feedback]):
+class _ClientFields(BaseModel):
+    """What a feedback request carries beside the feedback itself; neither is stored as sent."""
+
+    user: str | None = Field(None, max_length=256, description="The end user, as `user` of a completion: "
+                             "hashed before it is stored. Of one user's opinions on one answer the latest counts.")
+    event_id: str | None = Field(None, min_length=1, max_length=128, description="An idempotency key (as the "
+                                 "`Idempotency-Key` header): a retry with it gets the first answer, no second event.")
+
+
+class ThumbsRequest(ThumbsFeedback, _ClientFields): ...
+
+
+class RatingRequest(RatingFeedback, _ClientFields): ...
+
+
+class CorrectionRequest(CorrectionFeedback, _ClientFields): ...
+
+
+class PairwiseRequest(PairwiseFeedback, _ClientFields): ...
+
+
+class RankingRequest(RankingFeedback, _ClientFields): ...
+
+
+class FeedbackRequest(RootModel[Annotated[ThumbsRequest | RatingRequest | CorrectionRequest | PairwiseRequest
+                                          | RankingRequest, Field(discriminator="type")]]):
     """One piece of feedback; its `type` picks the kind (see feedback/events.py)."""
+
+    def feedback(self) -> Feedback:
+        """The feedback as it is stored: without the client's fields."""
+        return parse_feedback(self.root.model_dump(exclude={"user", "event_id"}))
+
+
+MAX_BATCH = 100
+
+
+class FeedbackBatchRequest(BaseModel):
+    feedback: list[Any] = Field(min_length=1, max_length=MAX_BATCH, description=f"Up to {MAX_BATCH} pieces "
+                                "of feedback, each as the body of POST /v1/feedback; each is checked on its own.")
 
 
 class FeedbackAccepted(BaseModel):
     id: str
     object: Literal["feedback"] = "feedback"
     status: Literal["accepted"] = "accepted"
+
+
+class BatchItemResult(BaseModel):
+    index: int
+    status: int = Field(description="202, or the status the item would have had alone (400, 404, 409, 429, ...).")
+    id: str | None = Field(None, exclude_if=_is_none)
+    error: ErrorInfo | None = Field(None, exclude_if=_is_none)
+    retry_after: int | None = Field(None, exclude_if=_is_none, description="With 429: seconds to wait.")
+
+
+class FeedbackBatchResult(BaseModel):
+    object: Literal["list"] = "list"
+    accepted: int
+    data: list[BatchItemResult]

@@ -40,6 +40,17 @@ class ServingSettings(SharedSettings):
     feedback_ack_timeout_s: float = Field(
         10.0, gt=0, description="How long /v1/feedback waits for Kafka's acknowledgement before a 503."
     )
+    idempotency_cache_size: int = Field(
+        100_000, ge=1, description="Recent idempotency keys (Idempotency-Key, `event_id`) a replica remembers "
+        "with their first answer; across replicas the trainer keeps one event per key.")
+    feedback_rate_per_key: float = Field(
+        10_000.0, ge=0, description="Feedback per second one app key may send (token bucket; 0: no limit). "
+        "Without SERVING_API_KEYS every client shares one bucket.")
+    feedback_burst_per_key: float = Field(20_000.0, ge=1, description="That bucket's size: the longest burst.")
+    feedback_rate_per_user: float = Field(
+        2.0, ge=0, description="Feedback per second one end user (`user`) may send (0: no limit); beyond it 429 "
+        "with Retry-After.")
+    feedback_burst_per_user: float = Field(120.0, ge=1, description="That bucket's size: the longest burst.")
     api_keys: list[str] = Field(
         default_factory=list,
         description="Bearer keys apps must send (JSON list, e.g. '[\"k1\",\"k2\"]'); empty: no key needed.",

@@ -1,38 +1,60 @@
-from fastapi import APIRouter
+"""POST /v1/feedback and its batch form; serving/feedback_intake.py does the accepting."""
 
-from feedback import FeedbackEvent, referenced_choices
-from serving import metrics
+from fastapi import APIRouter, Header, Request
+from fastapi.responses import JSONResponse
+
+from feedback import Feedback, referenced_choices
+from serving.auth import key_id
 from serving.completion_ids import CompletionIds, ExpiredCompletionId, InvalidCompletionId
-from serving.deps import CompletionIdsDep, EventsDep, PoliciesDep
+from serving.deps import CompletionIdsDep, FeedbackIntakeDep
 from serving.errors import APIError, bad_request, not_found
-from serving.event_log import EventLogUnavailable
-from serving.protocol import ErrorResponse, FeedbackAccepted, FeedbackRequest
+from serving.protocol import (
+    ErrorResponse,
+    FeedbackAccepted,
+    FeedbackBatchRequest,
+    FeedbackBatchResult,
+    FeedbackRequest,
+)
 
 router = APIRouter()
 
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 410, 413, 503)}
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 409, 410, 413, 429, 503)}
+IDEMPOTENCY_KEY = Header(None, alias="Idempotency-Key", min_length=1, max_length=128,
+                         description="A retry with the same key gets the first answer and makes no second event.")
 
 
 @router.post("/v1/feedback", status_code=202, response_model=FeedbackAccepted, responses=ERRORS)
 async def create_feedback(
-    body: FeedbackRequest, ids: CompletionIdsDep, events: EventsDep, policies: PoliciesDep
+    body: FeedbackRequest, request: Request, ids: CompletionIdsDep, intake: FeedbackIntakeDep,
+    idempotency_key: str | None = IDEMPOTENCY_KEY,
 ) -> FeedbackAccepted:
-    """Thumbs, 1-7 ratings, corrections, pairwise choices or rankings about answers this server gave.
+    """Thumbs, 1-7 ratings, corrections, pairwise choices or rankings about answers this service gave.
     Answered once Kafka has the event: 202 means it will reach the trainer."""
-    feedback = body.root
+    return await intake.submit(body, key_id(request), idempotency_key, lambda feedback: _check(ids, feedback))
+
+
+@router.post("/v1/feedback/batch", status_code=207, response_model=FeedbackBatchResult, responses=ERRORS)
+async def create_feedback_batch(
+    body: FeedbackBatchRequest, request: Request, ids: CompletionIdsDep, intake: FeedbackIntakeDep,
+    idempotency_key: str | None = IDEMPOTENCY_KEY,
+) -> JSONResponse:
+    """Up to 100 pieces of feedback, each accepted or refused on its own: 207 with one result per item, in
+    order (`status` 202 with its `id`, or the item's error)."""
+    results = await intake.submit_batch(body.feedback, key_id(request), idempotency_key,
+                                        lambda feedback: _check(ids, feedback))
+    result = FeedbackBatchResult(accepted=sum(r.status == 202 for r in results), data=results)
+    waits = [r.retry_after for r in results if r.retry_after]
+    return JSONResponse(result.model_dump(), status_code=207,
+                        headers={"Retry-After": str(max(waits))} if waits else None)
+
+
+def _check(ids: CompletionIds, feedback: Feedback) -> None:
+    """Every answer the feedback names was served: its completion id is signed, fresh, and has the choice."""
     for ref in referenced_choices(feedback):
         versions = _versions(ids, ref.completion_id)
         if ref.choice_index >= len(versions):
             raise bad_request(f"completion {ref.completion_id!r} has {len(versions)} choice(s); "
                               f"choice_index {ref.choice_index} does not exist", param="choice_index")
-    event = FeedbackEvent(feedback=feedback)
-    try:
-        await events.record_feedback(event)
-    except EventLogUnavailable:
-        raise APIError(503, "feedback could not be stored right now; retry", type="service_unavailable") from None
-    metrics.FEEDBACK.labels(feedback.type).inc()
-    policies.observe_feedback(feedback, event.user_hash)
-    return FeedbackAccepted(id=event.event_id)
 
 
 def _versions(ids: CompletionIds, completion_id: str) -> tuple[str, ...]:
