@@ -36,6 +36,18 @@ class SharedSettings(BaseSettings):
         alias="RLHF_REGISTRY_DIR",
         description="Root of the policy registry (a directory both services can read).",
     )
+    registry_url: str | None = Field(
+        None,
+        alias="RLHF_REGISTRY_URL",
+        description="s3://bucket/prefix: the policy registry in an S3-compatible store instead of "
+        "RLHF_REGISTRY_DIR. Endpoint, region and credentials come from the standard AWS_* variables "
+        "(AWS_ENDPOINT_URL for a store other than AWS).",
+    )
+    registry_cache_dir: Path = Field(
+        Path("var/registry-cache"),
+        alias="RLHF_REGISTRY_CACHE_DIR",
+        description="Where versions fetched from an S3 registry are kept (vLLM and PEFT load local files).",
+    )
 
     @property
     def completions_topic(self) -> str:
