@@ -43,7 +43,7 @@ from kafka import KafkaProducer
 from prometheus_client import start_http_server
 
 from common.kafka import ensure_topics, make_producer, wait_for_broker
-from common.registry import PolicyRegistry, PolicyVersion
+from common.registry import PolicyRegistry, PolicyVersion, open_registry
 from trainer import metrics
 from trainer.adapters import adapter_rank
 from trainer.data import Demonstration, Prompt, RewardDataset, prompt_to_messages
@@ -546,7 +546,7 @@ def main() -> None:
     ensure_topics(settings, [settings.completions_topic, settings.feedback_topic, settings.policy_topic])
     settings.work_dir.mkdir(parents=True, exist_ok=True)
     store = FeedbackStore(settings.store_path)
-    registry = PolicyRegistry(settings.registry_dir)
+    registry = open_registry(settings)
     metrics.POLICY_VERSION.set(registry.latest().number)
     if settings.metrics_port:
         start_http_server(settings.metrics_port)

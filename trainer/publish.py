@@ -6,7 +6,8 @@ from pathlib import Path
 
 from kafka import KafkaProducer
 
-from common.registry import PolicyRegistry, PolicyVersion
+from common.adapter_check import BadAdapter, check_adapter
+from common.registry import PolicyRegistry, PolicyVersion, report_corrupt
 from common.settings import SharedSettings
 from feedback.events import PolicyEvent
 
@@ -33,7 +34,16 @@ def publish_policy(
     from the same `source` (a round resumed after a crash between the two steps) finds the version
     already there and announces it again, which followers ignore if they have it. If the announcement
     fails the version still exists; the next round builds on it and announces its own successor.
+
+    An adapter that fails the check (common/adapter_check.py: it loads, fits the base model, is finite) is
+    never published: BadAdapter is raised, logged and counted (rlhf_registry_corrupt_total{what="adapter"}).
     """
+    if registry.find(source) is None:  # else published before a crash: announce it again
+        try:
+            check_adapter(adapter_dir, settings.base_model)
+        except BadAdapter as exc:
+            report_corrupt("adapter", source, f"{exc}; not published")
+            raise
     version = registry.publish(
         adapter_dir, base_model=str(settings.base_model), parent=parent, metrics=metrics, gate=gate,
         source=source,

@@ -18,6 +18,7 @@ import pytest
 from common.kafka import ensure_topics, make_consumer, make_producer
 from common.registry import PolicyRegistry
 from deploy.local_broker import free_port
+from tests.adapters import write_adapter
 from feedback.events import PolicyEvent
 from tests.trainer.data.test_ingest import isolated_settings, produce, wait_until
 from tests.trainer.data.test_store import COMPLETIONS, OTHER_PROMPT, PROMPT, completion, feedback, ref
@@ -144,8 +145,9 @@ class FakeLearners:
         if self.stop_during_ppo is not None:
             self.stop_during_ppo.set()
         on_step({"step": 1.0, "reward_mean": 0.5})
-        out_adapter_dir.mkdir(parents=True)
-        (out_adapter_dir / "adapter_config.json").write_text(json.dumps({"call": len(self.ppo_calls)}))
+        write_adapter(out_adapter_dir, base_model)  # a real one: publishing checks it
+        config = out_adapter_dir / "adapter_config.json"
+        config.write_text(json.dumps({**json.loads(config.read_text()), "call": len(self.ppo_calls)}))
         return {"reward_mean": 0.5}
 
 
@@ -240,7 +242,7 @@ def test_rounds_publish_versions_that_build_on_each_other(settings, store, produ
 
     registry = PolicyRegistry(settings.registry_dir)
     v1 = registry.get("v1")
-    assert json.loads((v1.path / "adapter_config.json").read_text()) == {"call": 1}
+    assert json.loads((v1.path / "adapter_config.json").read_text())["call"] == 1
     assert without_stage_times(v1.manifest["metrics"]) == ROUND_METRICS and v1.manifest["gate"] == GATE_REASONS
     assert store.new_feedback_count() == 0
 
