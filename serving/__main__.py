@@ -19,7 +19,7 @@ def main() -> None:
         return VllmEngine(settings)
 
     def make_events():
-        return KafkaEventLog(settings, settings.event_queue_size, settings.feedback_ack_timeout_s)
+        return KafkaEventLog.from_settings(settings)
 
     app = build_app(settings, make_engine, make_events)
     config = uvicorn.Config(

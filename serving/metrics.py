@@ -23,5 +23,16 @@ CANARY_VERDICTS = Counter("rlhf_canary_verdicts_total", "Canaries concluded, by 
 FEEDBACK = Counter("rlhf_feedback_total", "Feedback accepted, by type.", ["type"])
 FEEDBACK_REJECTED = Counter("rlhf_feedback_rejected_total", "Feedback refused for abuse, by reason.", ["reason"])
 EVENTS_SENT = Counter("rlhf_events_sent_total", "Events acknowledged by Kafka, by topic kind.", ["kind"])
-EVENTS_FAILED = Counter("rlhf_events_failed_total", "Events Kafka did not take (after the client's retries).", ["kind"])
+EVENTS_FAILED = Counter("rlhf_events_failed_total", "Events Kafka did not take within the delivery timeout "
+                        "(spooled, except canary verdicts).", ["kind"])
 EVENTS_DROPPED = Counter("rlhf_completion_events_dropped_total", "Completion events dropped: buffer full.")
+EVENTS_SPOOLED = Counter("rlhf_events_spooled_total", "Events written to the on-disk spool: Kafka did not take "
+                         "them, or earlier ones still wait there.", ["kind"])
+EVENTS_REPLAYED = Counter("rlhf_events_replayed_total", "Spooled events Kafka acknowledged later.", ["kind"])
+SPOOL_RECORDS = Gauge("rlhf_spool_records", "Events in the spool waiting for Kafka.")
+SPOOL_BYTES = Gauge("rlhf_spool_bytes", "Bytes the spool's segments take on disk (the bound applies to this).")
+SPOOL_MAX_BYTES = Gauge("rlhf_spool_max_bytes", "The spool's bound: when full, feedback gets 503.")
+SPOOL_OLDEST_AGE = Gauge("rlhf_spool_oldest_age_seconds", "How long the oldest spooled event has waited (0: empty).")
+SPOOL_DROPPED = Counter("rlhf_spool_dropped_total", "Events lost on the way through the spool: 'full' (completion "
+                        "events the full spool refused), 'corrupt' (found at start), 'rejected' (by Kafka).",
+                        ["reason"])

@@ -35,11 +35,19 @@ class ServingSettings(SharedSettings):
     completion_id_max_age_s: int = Field(
         7 * 24 * 3600, gt=0, description="Feedback is accepted on completions at most this old (seconds).")
     event_queue_size: int = Field(
-        10_000, ge=1, description="Completion events buffered for Kafka before new ones are dropped (counted)."
+        10_000, ge=1, description="Events waiting for the sender thread before new completion events are "
+        "dropped (counted) and feedback gets 503."
     )
     feedback_ack_timeout_s: float = Field(
-        10.0, gt=0, description="How long /v1/feedback waits for Kafka's acknowledgement before a 503."
+        5.0, gt=0, description="How long an event waits for Kafka's acknowledgement (the producer's delivery "
+        "timeout) before it goes to the spool."
     )
+    spool_dir: Path | None = Field(
+        None, description="Where events wait while Kafka cannot take them (serving/spool.py); one directory per "
+        "replica, on a persistent volume, so a restarted replica replays them. Unset: var/serving/spool-<port>.")
+    spool_max_bytes: int = Field(
+        1 << 30, ge=1 << 16, description="The spool's bound: when full, feedback gets 503 with Retry-After and "
+        "completion events are dropped (counted).")
     idempotency_cache_size: int = Field(
         100_000, ge=1, description="Recent idempotency keys (Idempotency-Key, `event_id`) a replica remembers "
         "with their first answer; across replicas the trainer keeps one event per key.")

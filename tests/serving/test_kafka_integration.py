@@ -35,8 +35,8 @@ def read_topic(settings, topic: str, expected: int, timeout_s: float = 20.0) -> 
     return records
 
 
-def test_completions_and_feedback_reach_their_topics(kafka_settings):
-    log = KafkaEventLog(kafka_settings, queue_size=100, ack_timeout_s=10)
+def test_completions_and_feedback_reach_their_topics(kafka_settings, tmp_path):
+    log = KafkaEventLog(kafka_settings, tmp_path / "spool", queue_size=100, ack_timeout_s=10)
     completion = CompletionEvent.model_validate({
         "completion_id": "chatcmpl-k1", "model": "m", "policy_version": "v0",
         "messages": [{"role": "user", "content": "hi"}],
@@ -105,7 +105,7 @@ def test_one_replicas_verdict_reaches_the_others(kafka_settings, tmp_path):
         return False
 
     async def scenario() -> None:
-        log = KafkaEventLog(kafka_settings, queue_size=10, ack_timeout_s=10)
+        log = KafkaEventLog(kafka_settings, tmp_path / "spool", queue_size=10, ack_timeout_s=10)
         replicas = [PolicyManager(FakeEngine(), registry, "m", canary, log.announce_policy) for _ in range(2)]
         followers = [PolicyFollower(kafka_settings, r, asyncio.get_running_loop()) for r in replicas]
         for follower in followers:
