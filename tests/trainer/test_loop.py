@@ -18,8 +18,8 @@ import pytest
 from common.kafka import ensure_topics, make_consumer, make_producer
 from common.registry import PolicyRegistry
 from deploy.local_broker import free_port
-from tests.adapters import write_adapter
 from feedback.events import PolicyEvent
+from tests.adapters import write_adapter
 from tests.trainer.data.test_ingest import isolated_settings, produce, wait_until
 from tests.trainer.data.test_store import COMPLETIONS, OTHER_PROMPT, PROMPT, completion, feedback, ref
 from trainer.data import PointwiseLabel, PreferenceGroup, RewardDataset, prompt_from_messages
