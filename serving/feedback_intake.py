@@ -90,8 +90,9 @@ class FeedbackIntake:
         event = FeedbackEvent(feedback=feedback, user_hash=user_hash, app_key_id=key_id, **ids)
         try:
             await self._events.record_feedback(event)
-        except EventLogUnavailable:
-            raise APIError(503, "feedback could not be stored right now; retry", type="service_unavailable") from None
+        except EventLogUnavailable as exc:
+            raise APIError(503, f"feedback could not be stored right now ({exc}); retry", type="service_unavailable",
+                           headers={"Retry-After": str(exc.retry_after_s)}) from None
         metrics.FEEDBACK.labels(feedback.type).inc()
         self._policies.observe_feedback(feedback, user_hash)
         return FeedbackAccepted(id=event.event_id)

@@ -88,13 +88,14 @@ class Spool:
 
     @property
     def records(self) -> int:
-        consumed = self._cursor.ordinal if self._segments and self._segments[0].sequence == self._cursor.sequence else 0
-        return sum(s.records for s in self._segments) - consumed
+        with self._lock:
+            return self._records()
 
     @property
     def bytes(self) -> int:
         """Bytes on disk, a delivered head included until its segment is deleted: what the bound limits."""
-        return sum(s.end for s in self._segments)
+        with self._lock:
+            return self._bytes()
 
     def oldest_age_s(self) -> float:
         oldest = self._oldest_at
@@ -107,9 +108,9 @@ class Spool:
         now_ms = int(time.time() * 1000)
         frames = b"".join(_frame(payload, now_ms) for payload in payloads)
         with self._lock:
-            if self.bytes + len(frames) > self.max_bytes:
-                raise SpoolFull(f"the spool holds {self.bytes} of its {self.max_bytes} bytes")
-            if self._writer is None or self._segments[-1].end >= self.segment_bytes or self.records == 0:
+            if self._bytes() + len(frames) > self.max_bytes:
+                raise SpoolFull(f"the spool holds {self._bytes()} of its {self.max_bytes} bytes")
+            if self._writer is None or self._segments[-1].end >= self.segment_bytes or self._records() == 0:
                 self._roll()  # an empty spool starts afresh, so that delivered segments can go
             segment = self._segments[-1]
             self._writer.write(frames)
@@ -163,6 +164,14 @@ class Spool:
 
     # --- Internals ------------------------------------------------------------------------------
 
+    def _records(self) -> int:
+        head = self._segments[0] if self._segments else None
+        consumed = self._cursor.ordinal if head and head.sequence == self._cursor.sequence else 0
+        return sum(s.records for s in self._segments) - consumed
+
+    def _bytes(self) -> int:
+        return sum(s.end for s in self._segments)
+
     def _unread(self):
         """(segment, offset to read from, intact records before that offset) of each segment not delivered."""
         for segment in self._segments:
@@ -174,9 +183,10 @@ class Spool:
     def _scan(self, path: Path) -> _Segment:
         data = path.read_bytes()
         records = corrupt = end = 0
-        for end, intact in _walk(data):
+        for after, intact in _walk(data):
             records += intact
             corrupt += not intact
+            end = after
         self.corrupt_records += corrupt + (end < len(data))  # a torn tail counts as one record lost
         return _Segment(int(path.stem), path, end, records)
 
