@@ -1,6 +1,6 @@
 """Simulated users of the public HTTP API: they chat and give every kind of feedback from a hidden preference.
 
-Each user has an id of its own (`user` on every request) and its own stream of questions
+Each user has an id of its own (`user` on every request and every piece of feedback) and its own stream of questions
 (trainer.data.corpus.sample_prompts: system messages and earlier turns included). After each answer it thinks
 for an exponential time, so all users together send up to `requests_per_s` requests (fewer when answers are
 slow: a user waits for its answer). A request is one of:
@@ -150,7 +150,7 @@ class SimulatedUsers:
                                     "satisfied": self.likes(question, answer)})
         slip = rng.random() < config.label_noise
         for feedback in self.react(mode, question, answers, slip, rng):
-            await self._send(feedback, answers, now)
+            await self._send({**feedback, "user": user}, answers, now)
 
     def likes(self, question: str, answer: Answer) -> bool:
         return not answer.truncated and self.preference.satisfied(question, answer.text)

@@ -11,8 +11,7 @@ import httpx
 
 from bench.hidden_preferences import PREFERENCES
 from bench.simulated_users import SimulatedUsers, UserConfig
-from feedback import parse_feedback
-from serving.protocol import ChatCompletionRequest
+from serving.protocol import ChatCompletionRequest, FeedbackRequest
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 LIKED, DISLIKED = "The capital of France is Paris.", "Paris."  # for a user who wants the subject restated
@@ -30,7 +29,8 @@ class FakeAPI:
     def __call__(self, request: httpx.Request) -> httpx.Response:
         body = json.loads(request.content)
         if request.url.path == "/v1/feedback":
-            parse_feedback(body)  # raises on a body the real API would refuse
+            FeedbackRequest.model_validate(body)  # raises on a body the real API would refuse
+            assert body["user"].startswith("demo-user-")  # so the trainer and the canary count it once per user
             self.feedback.append(body)
             return httpx.Response(202, json={"id": "f", "object": "feedback", "status": "accepted"})
         ChatCompletionRequest.model_validate(body)
