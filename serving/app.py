@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
 
-from common.registry import PolicyRegistry
+from common.registry import open_registry
 from serving.auth import require_admin_key, require_api_key
 from serving.chat import ChatService
 from serving.completion_ids import CompletionIds
@@ -46,8 +46,8 @@ def build_app(
         ids = CompletionIds.from_settings(settings)  # first: a bad key fails before the engine loads
         engine = make_engine()
         events = make_events()
-        policies = PolicyManager(engine, PolicyRegistry(settings.registry_dir), settings.served_model_name,
-                                 settings.canary, events.announce_policy)
+        policies = PolicyManager(engine, open_registry(settings), settings.served_model_name,
+                                 settings.canary, events.announce_policy, base_model=settings.base_model)
         follower = None
         if settings.follow_policy_topic:
             follower = PolicyFollower(settings, policies, asyncio.get_running_loop())

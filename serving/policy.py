@@ -13,10 +13,12 @@ import asyncio
 import logging
 import threading
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 
+from common.adapter_check import check_adapter
 from common.dead_letters import DeadLetter, DeadLetterProducer, parse_record
 from common.kafka import ensure_topics, make_consumer
-from common.registry import PROMOTED, PolicyRegistry, PolicyVersion
+from common.registry import BASE_POLICY, PROMOTED, PolicyRegistry, PolicyVersion, report_corrupt
 from common.settings import SharedSettings
 from feedback import Feedback, PolicyEvent
 from serving import metrics
@@ -34,6 +36,10 @@ class UnknownPolicy(LookupError):
         self.param = param
 
 
+class UnservablePolicy(UnknownPolicy):
+    """A version whose adapter failed its check (common/adapter_check.py); never loaded into the engine."""
+
+
 class PolicyManager:
     """The current version, the canary trial of a newer one, and the verdicts that end it.
 
@@ -42,9 +48,11 @@ class PolicyManager:
     """
 
     def __init__(self, engine: EngineClient, registry: PolicyRegistry, served_model_name: str,
-                 canary: CanaryConfig, announce: Callable[[PolicyEvent], Awaitable[None]]):
+                 canary: CanaryConfig, announce: Callable[[PolicyEvent], Awaitable[None]], *, base_model: Path):
         self._engine = engine
         self._registry = registry
+        self._base_model = base_model
+        self._refusals: dict[int, str | None] = {}  # each version's adapter check, once: versions never change
         self._canary = canary
         self._announce = announce
         self.served_model_name = served_model_name
@@ -56,18 +64,21 @@ class PolicyManager:
 
     async def start(self) -> None:
         """At start-up, serve the newest promoted version and put a newer one into canary (without a canary:
-        serve the newest one not rolled back)."""
+        serve the newest one not rolled back). Versions whose adapter fails its check are passed over."""
         if self._canary.fraction == 0:
-            await self._promoted_without_canary(await self.activate(self._registry.latest().name))
+            await self._promoted_without_canary(await self.activate(self._newest(lambda v: not v.rolled_back)))
         else:
-            await self.activate(self._registry.latest_promoted().name)
-            await self.offer(self._registry.latest().name)
+            await self.activate(self._newest(lambda v: v.promoted))
+            await self.offer(self._newest(lambda v: not v.rolled_back))
 
     async def offer(self, name: str) -> None:
         """A newly published version: into canary (superseding an older canary), or with `fraction` 0 to all
         traffic at once. Versions not newer than what is served or tried, and rolled-back ones, are ignored."""
         async with self._lock:
-            policy = self._lookup(name, param="version")
+            try:
+                policy = self._lookup(name, param="version")
+            except UnservablePolicy:
+                return  # logged and counted; what is served stays
             newest = max(self.current.number, self.trial.canary.number if self.trial else 0)
             if policy.number <= newest or policy.rolled_back:
                 return
@@ -192,9 +203,30 @@ class PolicyManager:
 
     def _lookup(self, name: str, param: str) -> PolicyVersion:
         try:
-            return self._registry.get(name)
+            policy = self._registry.get(name)
         except (KeyError, ValueError):
             raise UnknownPolicy(f"policy version {name!r} does not exist", param=param) from None
+        if not policy.is_base and policy.number not in self._refusals:
+            try:
+                check_adapter(policy.path, self._base_model)
+                self._refusals[policy.number] = None
+            except Exception as exc:  # BadAdapter, or files it cannot read: never hand vLLM such weights
+                self._refusals[policy.number] = str(exc)
+                report_corrupt("adapter", policy.name, f"{exc}; not served")
+        if (refusal := self._refusals.get(policy.number)) is not None:
+            raise UnservablePolicy(f"policy version {name!r} is not served: its adapter failed its check "
+                                   f"({refusal})", param=param)
+        return policy
+
+    def _newest(self, wanted: Callable[[PolicyVersion], bool]) -> str:
+        """The newest version that is `wanted` and passes its check (v0 at worst)."""
+        for version in reversed(self._registry.list()):
+            try:
+                if wanted(version):
+                    return self._lookup(version.name, param="version").name
+            except UnservablePolicy:
+                continue
+        return BASE_POLICY.name
 
     async def _switch(self, policy: PolicyVersion) -> PolicyVersion:
         if policy.number == self.current.number:

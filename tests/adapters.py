@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -10,6 +12,23 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 CORRUPTIONS = ("nan", "wrong_shape", "truncated", "bad_config", "unknown_module")
+FAKE_BASE = Path(__file__).resolve().parent.parent / "var" / "test-cache" / "fake-base"
+
+
+def fake_base_model() -> Path:
+    """A stand-in base model for tests whose engine is a fake: the adapter check reads only the names and
+    shapes of the base's weights, so two layers of small attention projections are all it holds."""
+    if not (FAKE_BASE / "model.safetensors").is_file():
+        FAKE_BASE.parent.mkdir(parents=True, exist_ok=True)
+        staged = Path(tempfile.mkdtemp(dir=FAKE_BASE.parent))
+        save_file({f"model.layers.{i}.self_attn.{p}.weight": torch.zeros(8, 8) for i in (0, 1) for p in ("q_proj",
+                   "v_proj")}, str(staged / "model.safetensors"))
+        try:
+            os.rename(staged, FAKE_BASE)
+        except OSError:  # another test session wrote the same first
+            (staged / "model.safetensors").unlink()
+            staged.rmdir()
+    return FAKE_BASE
 
 
 def write_adapter(directory: Path, base_model: Path, corrupt: str | None = None, rank: int = 2) -> Path:

@@ -13,6 +13,7 @@ from feedback import CompletionEvent, FeedbackEvent, PolicyEvent, parse_feedback
 from serving.canary import CanaryConfig, Verdict
 from serving.event_log import KafkaEventLog
 from serving.policy import PolicyFollower, PolicyManager
+from tests.adapters import fake_base_model
 from tests.serving.fakes import FakeEngine
 from tests.serving.test_policy import publish_fake_adapter
 
@@ -62,7 +63,8 @@ def test_without_a_canary_the_follower_switches_to_announced_versions_only_forwa
     engine = FakeEngine()
 
     async def scenario() -> list[str]:
-        manager = PolicyManager(engine, registry, "m", CanaryConfig(fraction=0), announce=None)
+        manager = PolicyManager(engine, registry, "m", CanaryConfig(fraction=0), announce=None,
+                                base_model=fake_base_model())
         follower = PolicyFollower(kafka_settings, manager, asyncio.get_running_loop())
         await asyncio.to_thread(follower.start)
         producer = make_producer(kafka_settings)
@@ -106,7 +108,8 @@ def test_one_replicas_verdict_reaches_the_others(kafka_settings, tmp_path):
 
     async def scenario() -> None:
         log = KafkaEventLog(kafka_settings, tmp_path / "spool", queue_size=10, ack_timeout_s=10)
-        replicas = [PolicyManager(FakeEngine(), registry, "m", canary, log.announce_policy) for _ in range(2)]
+        replicas = [PolicyManager(FakeEngine(), registry, "m", canary, log.announce_policy,
+                                  base_model=fake_base_model()) for _ in range(2)]
         followers = [PolicyFollower(kafka_settings, r, asyncio.get_running_loop()) for r in replicas]
         for follower in followers:
             await asyncio.to_thread(follower.start)
