@@ -62,6 +62,7 @@ VALIDATED = {"train_loss": 0.25, "heldout_enough": 1.0, "heldout_ranking_n": 40.
 TOO_FEW = {"train_loss": 0.25, "heldout_enough": 0.0, "heldout_ranking_n": 3.0}
 GATE_REASONS = ["pass judge: ...", "pass judge gain: +0.100", "pass kl: 1.00"]
 ROUND_METRICS = {
+    "feedback/capped_per_user": 0.0,
     **{f"reward_model/{name}": value for name, value in VALIDATED.items()},
     **{f"judge/{name}": value for name, value in VALIDATED.items()},
     "ppo/reward_mean": 0.5,
