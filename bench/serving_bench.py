@@ -120,7 +120,7 @@ def main() -> None:
                     "SERVING_SERVED_MODEL_NAME": "bench", "SERVING_MAX_MODEL_LEN": str(MAX_MODEL_LEN),
                     "SERVING_MAX_LORAS": str(MAX_LORAS), "SERVING_MAX_LORA_RANK": str(MAX_LORA_RANK),
                     "RLHF_REGISTRY_DIR": tempfile.mkdtemp(prefix="bench-registry-"),
-                    "RLHF_TOPIC_PREFIX": f"bench-{port}."}
+                    "RLHF_TOPIC_PREFIX": f"bench-{port}.", "SERVING_AUTH": "local"}
         results["this server"] = run_server("ours", ["serving"], ours_env, port, load("bench"))
 
     print(f"\n{options.concurrency} concurrent clients, {options.requests} requests of up to {options.max_tokens} "

@@ -175,7 +175,7 @@ def main() -> None:
         port = free_port()
         env.update({"RLHF_BASE_MODEL": str(options.model), "SERVING_PORT": str(port),
                     "SERVING_SERVED_MODEL_NAME": "bench", "RLHF_REGISTRY_DIR": str(work / "registry"),
-                    "RLHF_TOPIC_PREFIX": f"bench-{port}."})  # fmt: skip
+                    "RLHF_TOPIC_PREFIX": f"bench-{port}.", "SERVING_AUTH": "local"})  # fmt: skip
         serving = start_service(["serving"], env, log_file=open(LOGS / "serving.log", "wb"))
         stack.callback(stop_service, serving)
         url = f"http://127.0.0.1:{port}"

@@ -1,4 +1,5 @@
-"""Kafka clients configured once for both services: JSON values, string keys, topics created on demand."""
+"""Kafka clients configured once for both services: JSON values, string keys, topics created on demand, and
+the security settings (SASL, TLS) on every client."""
 
 from __future__ import annotations
 
@@ -36,8 +37,20 @@ class _TextDeserializer(Deserializer):
         return None if data is None else data.decode("utf-8", errors="replace")
 
 
-def _servers(settings: SharedSettings) -> list[str]:
-    return [s.strip() for s in settings.kafka_bootstrap_servers.split(",") if s.strip()]
+def connection(settings: SharedSettings) -> dict:
+    """What every client (producer, consumer, admin) needs to reach the cluster: its addresses, and the
+    security settings (SASL credentials, TLS files) under kafka-python's names."""
+    config = dict(
+        bootstrap_servers=[s.strip() for s in settings.kafka_bootstrap_servers.split(",") if s.strip()],
+        security_protocol=settings.kafka_security_protocol,
+    )
+    if settings.kafka_sasl_mechanism:
+        config.update(sasl_mechanism=settings.kafka_sasl_mechanism, sasl_plain_username=settings.kafka_sasl_username,
+                      sasl_plain_password=settings.kafka_sasl_password.get_secret_value())
+    for name in ("cafile", "certfile", "keyfile"):
+        if (path := getattr(settings, f"kafka_ssl_{name}")) is not None:
+            config[f"ssl_{name}"] = str(path)
+    return config
 
 
 def wait_for_broker(settings: SharedSettings, timeout_s: float = 30.0) -> None:
@@ -45,7 +58,7 @@ def wait_for_broker(settings: SharedSettings, timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            admin = KafkaAdminClient(bootstrap_servers=_servers(settings), request_timeout_ms=5_000)
+            admin = KafkaAdminClient(**connection(settings), request_timeout_ms=5_000)
             admin.list_topics()
             admin.close()
             return
@@ -56,7 +69,7 @@ def wait_for_broker(settings: SharedSettings, timeout_s: float = 30.0) -> None:
 
 
 def ensure_topics(settings: SharedSettings, topics: list[str], partitions: int = 1) -> None:
-    admin = KafkaAdminClient(bootstrap_servers=_servers(settings))
+    admin = KafkaAdminClient(**connection(settings))
     try:
         existing = set(admin.list_topics())
         missing = [
@@ -75,7 +88,7 @@ def ensure_topics(settings: SharedSettings, topics: list[str], partitions: int =
 
 def make_producer(settings: SharedSettings, **overrides) -> KafkaProducer:
     config = dict(
-        bootstrap_servers=_servers(settings),
+        **connection(settings),
         key_serializer=_TextSerializer(),
         value_serializer=_TextSerializer(),
         acks="all",
@@ -88,7 +101,7 @@ def make_producer(settings: SharedSettings, **overrides) -> KafkaProducer:
 
 def make_consumer(settings: SharedSettings, topics: list[str], group_id: str | None, **overrides) -> KafkaConsumer:
     config = dict(
-        bootstrap_servers=_servers(settings),
+        **connection(settings),
         group_id=group_id,
         enable_auto_commit=False,
         auto_offset_reset="earliest",

@@ -2,7 +2,9 @@
 
 Starts the embedded broker (unless KAFKA_BOOTSTRAP_SERVERS names a cluster), the serving API and the
 trainer loop as child processes sharing one environment; Ctrl-C (or SIGTERM) stops all of them, children
-first, then the broker. If any child dies, the rest are stopped too and the exit code says so.
+first, then the broker. If any child dies, the rest are stopped too and the exit code says so. Serving runs
+in local mode, without authentication, unless SERVING_AUTH says otherwise; both sign and check policy
+announcements with the key file under var/ unless RLHF_POLICY_SIGNING_KEY is set.
 
 Serving and the trainer share the machine's cores, at the same priority: the trainer's torch runs on one
 thread (TrainerSettings.torch_threads), which keeps its rounds bounded under serving load, where torch's
@@ -80,6 +82,11 @@ def main() -> int:
         else:
             log.info("using the Kafka cluster at %s", env["KAFKA_BOOTSTRAP_SERVERS"])
 
+        # One machine, one user: serving runs without authentication, explicitly (its default refuses to start
+        # without keys). SERVING_AUTH=keys with the keys set keeps them on.
+        env.setdefault("SERVING_AUTH", "local")
+        if env["SERVING_AUTH"] == "local":
+            log.warning("local, no auth: serving checks no keys (SERVING_AUTH=local); keep it on this machine")
         children = {
             "serving": start_service(["serving"], env),
             "trainer": start_service(["trainer", "run"], env),

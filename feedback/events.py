@@ -9,14 +9,20 @@ record of an older version parses as the current one with the new fields at thei
 newer version than this code knows is refused (it may say what this consumer would misread), which sends
 it to the dead-letter topic (common/dead_letters.py) instead of into training. Feedback is at version 2
 (v2 added `comment`, `source`, `metadata`, pairwise `both_bad` and `shown_first`, and the event's
-`app_key_id`); completions and policy events are at version 1.
+`app_key_id`); policy events at version 2 (v2 added `signature`); completions at version 1.
+
+Policy events are signed: `signature` is an HMAC-SHA256 over the rest of the event (its canonical JSON)
+under a key the trainer and serving share (common/keys.py). Serving acts only on events signed by that key
+(serving/policy.py), so a producer with write access to the topic but not the key changes nothing.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Annotated, ClassVar, Literal
 
@@ -227,7 +233,7 @@ class PolicyEvent(_Event):
     """A policy version's news: published to the registry by the trainer, or promoted or rolled back by a
     serving replica's canary (so that every replica follows the verdict)."""
 
-    SCHEMA_VERSION: ClassVar[int] = 1
+    SCHEMA_VERSION: ClassVar[int] = 2
     event_type: Literal["policy"] = "policy"
     schema_version: int = Field(SCHEMA_VERSION, ge=1)
     event_id: str = Field(default_factory=_new_id)
@@ -237,3 +243,21 @@ class PolicyEvent(_Event):
     action: Literal["published", "promoted", "rolled_back"] = "published"
     reason: str | None = None  # for a verdict: why, in words
     metrics: dict[str, float] = Field(default_factory=dict)
+    signature: str | None = None  # HMAC-SHA256 (hex) of everything else: see `signed`
+
+    def signed(self, key: str) -> PolicyEvent:
+        """This event with its signature under `key`."""
+        return self.model_copy(update={"signature": self._mac(key)})
+
+    def signed_by(self, keys: Sequence[str]) -> bool:
+        """Whether the event carries a signature by one of `keys` over exactly its content."""
+        if self.signature is None:
+            return False
+        # Every key compared in constant time: timing tells nothing about how much of a signature was right.
+        return any([hmac.compare_digest(self.signature.encode(), self._mac(key).encode()) for key in keys])
+
+    def _mac(self, key: str) -> str:
+        # Over the parsed fields as canonical JSON, not the record's bytes: any spelling of the same event
+        # verifies, and any change to a field does not.
+        content = json.dumps(self.model_dump(mode="json", exclude={"signature"}), sort_keys=True, separators=(",", ":"))
+        return hmac.new(key.encode(), f"policy-event\0{content}".encode(), hashlib.sha256).hexdigest()

@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI
 
 from common.registry import open_registry
-from serving.auth import require_admin_key, require_api_key
+from serving.auth import announce_mode, require_admin_key, require_api_key
 from serving.chat import ChatService
 from serving.completion_ids import CompletionIds
 from serving.engine import EngineClient
@@ -18,6 +18,7 @@ from serving.errors import install_error_handlers
 from serving.event_log import EventSink
 from serving.feedback_intake import FeedbackIntake
 from serving.middleware import BodySizeLimit, RequestMetrics
+from serving.page_sessions import PageSessions
 from serving.policy import PolicyFollower, PolicyManager
 from serving.routes import admin, chat, feedback, health, models, page
 from serving.settings import ServingSettings
@@ -44,6 +45,8 @@ def build_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         ids = CompletionIds.from_settings(settings)  # first: a bad key fails before the engine loads
+        app.state.page_sessions = PageSessions.from_settings(settings)
+        announce_mode(settings)
         engine = make_engine()
         events = make_events()
         policies = PolicyManager(engine, open_registry(settings), settings.served_model_name,

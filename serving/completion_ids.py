@@ -19,15 +19,13 @@ import binascii
 import hashlib
 import hmac
 import logging
-import os
 import re
 import secrets
 import struct
-import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
+from common.keys import configured_key
 from serving.settings import ServingSettings
 
 PREFIX = "chatcmpl-"
@@ -78,12 +76,10 @@ class CompletionIds:
 
     @classmethod
     def from_settings(cls, settings: ServingSettings) -> CompletionIds:
-        if settings.completion_key:
-            key = settings.completion_key.get_secret_value()
-        else:
-            key = local_key(settings.completion_key_file)
+        if not settings.completion_key:
             log.info("completion ids signed with the local key in %s: replicas on other hosts need "
                      "SERVING_COMPLETION_KEY", settings.completion_key_file)
+        key = configured_key(settings.completion_key, settings.completion_key_file)
         previous = settings.completion_previous_key
         return cls(key, previous.get_secret_value() if previous else None, settings.completion_id_max_age_s)
 
@@ -127,20 +123,3 @@ class CompletionIds:
     def _mac(key: bytes, payload: str) -> str:
         return _b64(hmac.new(key, f"{PREFIX}{payload}".encode(), hashlib.sha256).digest())
 
-
-def local_key(path: Path) -> str:
-    """The key kept in `path`, made (random, readable by its owner only) on first use. Replicas started
-    from the same directory share it; two creating it at once agree on whichever linked it first."""
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, staged = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(secrets.token_urlsafe(32) + "\n")
-            try:
-                os.link(staged, path)
-            except FileExistsError:
-                pass
-        finally:
-            os.unlink(staged)
-    return path.read_text().strip()

@@ -31,6 +31,7 @@ from kafka import KafkaProducer
 from kafka.errors import CorruptRecordError, InvalidRecordError, MessageSizeTooLargeError
 
 from common.kafka import ensure_topics, make_producer, wait_for_broker
+from common.keys import policy_signing_key
 from common.settings import SharedSettings
 from feedback import CompletionEvent, FeedbackEvent, PolicyEvent, referenced_choices
 from serving import metrics
@@ -84,6 +85,7 @@ class KafkaEventLog:
         wait_for_broker(settings)
         ensure_topics(settings, [settings.completions_topic, settings.feedback_topic, settings.policy_topic])
         self._settings = settings
+        self._signing_key = policy_signing_key(settings)
         self._queue_size = queue_size
         self._ack_timeout_s = ack_timeout_s
         delivery_ms = int(ack_timeout_s * 1000)
@@ -120,7 +122,9 @@ class KafkaEventLog:
         await self._durably("feedback", self._settings.feedback_topic, _feedback_key(event), event, spool=True)
 
     async def announce_policy(self, event: PolicyEvent) -> None:
-        await self._durably("policy", self._settings.policy_topic, event.version, event, spool=False)
+        """A canary's verdict, signed: the other replicas act only on signed announcements."""
+        signed = event.signed(self._signing_key)
+        await self._durably("policy", self._settings.policy_topic, event.version, signed, spool=False)
 
     def close(self) -> None:
         self._stopping.set()

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from pydantic import ValidationError
 
 from feedback import Feedback, FeedbackEvent, idempotent_event_id
 from serving import metrics
+from serving.canary_evidence import approval
 from serving.chat import hash_user
 from serving.errors import APIError, bad_request, describe_errors
 from serving.event_log import EventLogUnavailable, EventSink
@@ -25,7 +26,9 @@ from serving.protocol import BatchItemResult, ErrorInfo, FeedbackAccepted, Feedb
 from serving.rate_limit import FeedbackLimits, RateLimited, TokenBuckets
 from serving.settings import ServingSettings
 
-Check = Callable[[Feedback], None]  # raises APIError when the feedback names answers that were not served
+# Raises APIError when the feedback names answers that were not served; else returns the version that wrote
+# each answer it names (feedback.referenced_choices' order).
+Check = Callable[[Feedback], Sequence[str]]
 
 
 class FeedbackIntake:
@@ -79,7 +82,7 @@ class FeedbackIntake:
 
     async def _accept(self, feedback: Feedback, user_hash: str | None, key_id: str | None,
                       event_id: str | None, check: Check) -> FeedbackAccepted:
-        check(feedback)
+        versions = check(feedback)
         try:
             self._limits.admit(key_id, user_hash)
         except RateLimited as exc:
@@ -94,5 +97,7 @@ class FeedbackIntake:
             raise APIError(503, f"feedback could not be stored right now ({exc}); retry", type="service_unavailable",
                            headers={"Retry-After": str(exc.retry_after_s)}) from None
         metrics.FEEDBACK.labels(feedback.type).inc()
+        if (vote := approval(feedback)) is not None:  # thumbs and ratings judge one answer: versions[0]
+            metrics.FEEDBACK_VOTES.labels(versions[0], "up" if vote else "down").inc()
         self._policies.observe_feedback(feedback, user_hash)
         return FeedbackAccepted(id=event.event_id)

@@ -36,3 +36,8 @@ SPOOL_OLDEST_AGE = Gauge("rlhf_spool_oldest_age_seconds", "How long the oldest s
 SPOOL_DROPPED = Counter("rlhf_spool_dropped_total", "Events lost on the way through the spool: 'full' (completion "
                         "events the full spool refused), 'corrupt' (found at start), 'rejected' (by Kafka).",
                         ["reason"])
+FEEDBACK_VOTES = Counter("rlhf_feedback_votes_total", "Thumbs and 1-7 ratings accepted, by the policy version that "
+                         "wrote the answer and vote (up: thumbs up or 5-7; down: thumbs down or 1-3; 4: none).",
+                         ["version", "vote"])
+POLICY_EVENTS_REJECTED = Counter("rlhf_policy_events_rejected_total", "Policy announcements ignored: 'unsigned' "
+                                 "or 'bad_signature' (not signed by RLHF_POLICY_SIGNING_KEY).", ["reason"])

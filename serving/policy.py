@@ -18,6 +18,7 @@ from pathlib import Path
 from common.adapter_check import check_adapter
 from common.dead_letters import DeadLetter, DeadLetterProducer, parse_record
 from common.kafka import ensure_topics, make_consumer
+from common.keys import policy_signing_keys
 from common.registry import BASE_POLICY, PROMOTED, PolicyRegistry, PolicyVersion, report_corrupt
 from common.settings import SharedSettings
 from feedback import Feedback, PolicyEvent
@@ -264,13 +265,15 @@ class PolicyFollower:
 
     Every serving replica must see every announcement, so it reads without a consumer group, from the end
     of the topic. It is started before the registry is read at start-up: a version published in between is
-    both in the registry and on the topic, and offering it twice is a no-op.
+    both in the registry and on the topic, and offering it twice is a no-op. It acts only on announcements
+    signed by the shared key (feedback.PolicyEvent); others are counted, logged and ignored.
     """
 
     def __init__(self, settings: SharedSettings, manager: PolicyManager, loop: asyncio.AbstractEventLoop):
         ensure_topics(settings, [settings.policy_topic])  # one partition: announcements stay in order
         self._consumer = make_consumer(settings, [settings.policy_topic], group_id=None, auto_offset_reset="latest")
         self._dead_letters = DeadLetterProducer(settings)
+        self._keys = policy_signing_keys(settings)
         self._manager = manager
         self._loop = loop
         self._stopping = threading.Event()
@@ -296,8 +299,19 @@ class PolicyFollower:
                     event = parse_record(record, PolicyEvent.model_validate_json, consumer="serving")
                     if isinstance(event, DeadLetter):
                         self._dead_letters.send(event)
+                    elif not event.signed_by(self._keys):
+                        self._reject(event, record.offset)
                     else:
                         self._apply(event)
+
+    @staticmethod
+    def _reject(event: PolicyEvent, offset: int) -> None:
+        """An announcement not signed by the trainer's or a replica's key: forged, or from a misconfigured
+        producer. Acting on it could serve any version; it changes nothing."""
+        reason = "unsigned" if event.signature is None else "bad_signature"
+        metrics.POLICY_EVENTS_REJECTED.labels(reason).inc()
+        log.warning("ignored a policy announcement at offset %d (%s): %s %s", offset, reason.replace("_", " "),
+                    event.action, event.version)
 
     def _apply(self, event: PolicyEvent) -> None:
         try:

@@ -1,8 +1,9 @@
 """Serving settings, from SERVING_* environment variables (plus the shared KAFKA_/RLHF_ ones)."""
 
 from pathlib import Path
+from typing import Literal, Self
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from common.settings import SharedSettings
@@ -59,14 +60,36 @@ class ServingSettings(SharedSettings):
         2.0, ge=0, description="Feedback per second one end user (`user`) may send (0: no limit); beyond it 429 "
         "with Retry-After.")
     feedback_burst_per_user: float = Field(120.0, ge=1, description="That bucket's size: the longest burst.")
+    auth: Literal["keys", "local"] = Field(
+        "keys", description="'keys' (the default): apps send one of `api_keys`, the admin routes take only "
+        "`admin_key`, and serving refuses to start without them, SERVING_COMPLETION_KEY and "
+        "RLHF_POLICY_SIGNING_KEY. 'local': nothing is checked, for one machine (`make up` sets it).")
     api_keys: list[str] = Field(
         default_factory=list,
-        description="Bearer keys apps must send (JSON list, e.g. '[\"k1\",\"k2\"]'); empty: no key needed.",
+        description="Bearer keys apps send (JSON list, e.g. '[\"k1\",\"k2\"]'); they never open the admin routes.",
     )
     admin_key: str | None = Field(
-        None, description="Bearer key for endpoints that change the served policy; unset: as open as the API."
+        None, description="Bearer key of the admin routes (/v1/admin/*); it differs from every app key."
     )
+    page: bool = Field(
+        True, description="Serve the end-user page at / and, with SERVING_AUTH=keys, mint its session tokens "
+        "(serving/page_sessions.py): whoever can load the page can chat and give feedback. False: an API only.")
+    page_session_ttl_s: int = Field(3600, ge=60, description="How long a page session token is accepted.")
     follow_policy_topic: bool = Field(True, description="Take up each new version announced by the trainer.")
     canary: CanaryConfig = Field(
         default_factory=CanaryConfig, description="How a new version earns all of the traffic "
         "(SERVING_CANARY__FRACTION=0.2 and so on; serving/canary.py).")
+
+    @model_validator(mode="after")
+    def _keys_when_not_local(self) -> Self:
+        """Outside local mode nothing runs open: a clear error at start instead of an API anyone can call."""
+        if self.auth == "local":
+            return self
+        needed = {"SERVING_API_KEYS": self.api_keys, "SERVING_ADMIN_KEY": self.admin_key,
+                  "SERVING_COMPLETION_KEY": self.completion_key, "RLHF_POLICY_SIGNING_KEY": self.policy_signing_key}
+        if missing := [name for name, value in needed.items() if not value]:
+            raise ValueError(f"SERVING_AUTH=keys (the default) needs {', '.join(missing)}; "
+                             "SERVING_AUTH=local runs without authentication, for one machine")
+        if self.admin_key in self.api_keys:
+            raise ValueError("SERVING_ADMIN_KEY must differ from every app key in SERVING_API_KEYS")
+        return self

@@ -21,6 +21,11 @@ from common.kafka import wait_for_broker
 from common.settings import SharedSettings
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Serving's default (SERVING_AUTH=keys) refuses to start without keys: the suite runs it in local mode, in
+# this process and in the services it starts, except where a test asks for keys (tests/serving/test_auth.py).
+os.environ["SERVING_AUTH"] = "local"
+
 CACHE = ROOT / "var" / "test-cache"
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from kafka import KafkaProducer
 
 from common.adapter_check import BadAdapter, check_adapter
+from common.keys import policy_signing_key
 from common.registry import PolicyRegistry, PolicyVersion, report_corrupt
 from common.settings import SharedSettings
 from feedback.events import PolicyEvent
@@ -49,5 +50,6 @@ def publish_policy(
         source=source,
     )  # fmt: skip
     event = PolicyEvent(version=version.name, base_model=str(settings.base_model), metrics=metrics)
+    event = event.signed(policy_signing_key(settings))  # serving ignores unsigned announcements
     producer.send(settings.policy_topic, key=version.name, value=event).get(timeout=ANNOUNCE_TIMEOUT_S)
     return version

@@ -48,13 +48,17 @@ async def create_feedback_batch(
                         headers={"Retry-After": str(max(waits))} if waits else None)
 
 
-def _check(ids: CompletionIds, feedback: Feedback) -> None:
-    """Every answer the feedback names was served: its completion id is signed, fresh, and has the choice."""
+def _check(ids: CompletionIds, feedback: Feedback) -> list[str]:
+    """Every answer the feedback names was served: its completion id is signed, fresh, and has the choice.
+    Returns the version that wrote each of those answers."""
+    written = []
     for ref in referenced_choices(feedback):
         versions = _versions(ids, ref.completion_id)
         if ref.choice_index >= len(versions):
             raise bad_request(f"completion {ref.completion_id!r} has {len(versions)} choice(s); "
                               f"choice_index {ref.choice_index} does not exist", param="choice_index")
+        written.append(versions[ref.choice_index])
+    return written
 
 
 def _versions(ids: CompletionIds, completion_id: str) -> tuple[str, ...]:

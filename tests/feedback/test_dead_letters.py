@@ -12,6 +12,7 @@ from kafka.errors import KafkaError
 
 from common.dead_letters import DeadLetter, DeadLetterProducer, parse_record
 from common.kafka import make_producer
+from common.keys import policy_signing_key
 from common.settings import SharedSettings
 from feedback import FeedbackEvent, PolicyEvent
 from serving.policy import PolicyFollower
@@ -69,7 +70,8 @@ def test_bad_policy_records_do_not_stop_the_follower(kafka_settings):
         follower = PolicyFollower(settings, manager, asyncio.get_running_loop())
         await asyncio.to_thread(follower.start)
         producer = make_producer(settings)
-        for value in (None, "no json", NEWER, GOOD):  # a null value used to kill the follower's thread
+        signed = PolicyEvent.model_validate_json(GOOD).signed(policy_signing_key(settings))
+        for value in (None, "no json", NEWER, signed):  # a null value used to kill the follower's thread
             producer.send(settings.policy_topic, key="policy", value=value).get(10)
         producer.close()
         for _ in range(400):

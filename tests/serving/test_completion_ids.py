@@ -11,13 +11,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from common.keys import local_key
 from feedback import ChoiceRef
 from serving.completion_ids import (
     PREFIX,
     CompletionIds,
     ExpiredCompletionId,
     InvalidCompletionId,
-    local_key,
 )
 from serving.settings import ServingSettings
 

@@ -9,6 +9,7 @@ from serving.app import build_app
 from serving.canary import CanaryConfig, CanaryTrial
 from serving.chat import hash_user
 from serving.settings import ServingSettings
+from tests.serving.test_auth import keyed
 from trainer.data.store import likert_target, to_training_data
 
 USER = [{"role": "user", "content": "Say hello."}]
@@ -131,9 +132,8 @@ def test_both_bad_needs_a_tie(client, completion_id):
     assert "both_bad" in error["message"]
 
 
-def test_feedback_names_its_user_hashed_and_its_app_key(tmp_path, engine, events):
-    settings = ServingSettings(registry_dir=tmp_path / "registry", follow_policy_topic=False,
-                               api_keys=["key-one", "key-two"])
+def test_feedback_names_its_user_hashed_and_its_app_key(settings, engine, events):
+    settings = keyed(settings, api_keys=["key-one", "key-two"])
     with TestClient(build_app(settings, lambda: engine, lambda: events), raise_server_exceptions=False) as client:
         for key in ("key-one", "key-two"):
             headers = {"authorization": f"Bearer {key}"}

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from common.kafka import make_consumer, make_producer
+from common.keys import policy_signing_key
 from common.registry import PolicyRegistry
 from feedback import CompletionEvent, FeedbackEvent, PolicyEvent, parse_feedback
 from serving.canary import CanaryConfig, Verdict
@@ -16,6 +17,7 @@ from serving.policy import PolicyFollower, PolicyManager
 from tests.adapters import fake_base_model
 from tests.serving.fakes import FakeEngine
 from tests.serving.test_policy import publish_fake_adapter
+from tests.serving.test_policy_signing import following_without_canary, until
 
 pytestmark = pytest.mark.kafka
 
@@ -61,30 +63,18 @@ def test_completions_and_feedback_reach_their_topics(kafka_settings, tmp_path):
 def test_without_a_canary_the_follower_switches_to_announced_versions_only_forward(kafka_settings, tmp_path):
     registry = PolicyRegistry(tmp_path / "registry")
     engine = FakeEngine()
+    key = policy_signing_key(kafka_settings)  # the follower acts on signed announcements only
 
     async def scenario() -> list[str]:
-        manager = PolicyManager(engine, registry, "m", CanaryConfig(fraction=0), announce=None,
-                                base_model=fake_base_model())
-        follower = PolicyFollower(kafka_settings, manager, asyncio.get_running_loop())
-        await asyncio.to_thread(follower.start)
-        producer = make_producer(kafka_settings)
-        seen = []
-        try:
+        async with following_without_canary(kafka_settings, registry, engine) as (manager, producer):
             v1 = publish_fake_adapter(registry, tmp_path)
             v2 = publish_fake_adapter(registry, tmp_path)
             for version in (v2, v1):  # v1 arrives late: it must not roll serving back
                 producer.send(kafka_settings.policy_topic, key="policy",
-                              value=PolicyEvent(version=version, base_model="base")).get(10)
-            for _ in range(200):
-                await asyncio.sleep(0.05)
-                if manager.current.name == "v2":
-                    break
+                              value=PolicyEvent(version=version, base_model="base").signed(key)).get(10)
+            await until(lambda: manager.current.name == "v2")
             await asyncio.sleep(1.0)  # time for the late v1 to be (not) applied
-            seen.append(manager.current.name)
-        finally:
-            await asyncio.to_thread(follower.stop)
-            producer.close()
-        return seen
+            return [manager.current.name]
 
     assert asyncio.run(scenario()) == ["v2"]
     assert engine.loaded == ["v2"]
@@ -98,6 +88,7 @@ def test_one_replicas_verdict_reaches_the_others(kafka_settings, tmp_path):
     topic; the other drops it too. Then the same for a promotion."""
     registry = PolicyRegistry(tmp_path / "registry")
     canary = CanaryConfig(fraction=0.5)
+    key = policy_signing_key(kafka_settings)
 
     async def wait_for(condition) -> bool:
         for _ in range(200):
@@ -118,7 +109,7 @@ def test_one_replicas_verdict_reaches_the_others(kafka_settings, tmp_path):
             for version, verdict in (("v1", "rolled_back"), ("v2", "promoted")):
                 publish_fake_adapter(registry, tmp_path)
                 producer.send(kafka_settings.policy_topic, key=version,
-                              value=PolicyEvent(version=version, base_model="base")).get(10)
+                              value=PolicyEvent(version=version, base_model="base").signed(key)).get(10)
                 assert await wait_for(lambda v=version: all(r.trial and r.trial.canary.name == v for r in replicas))
                 await replicas[0].conclude(Verdict(verdict, "test"))
                 assert await wait_for(lambda: replicas[1].trial is None), f"{version}: replica 2 kept its canary"
