@@ -6,6 +6,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from common.adapter_check import BadAdapter
+from common.keys import policy_signing_keys
 from common.registry import PolicyRegistry
 from common.settings import SharedSettings
 from tests.adapters import CORRUPTIONS, write_adapter
@@ -44,3 +45,5 @@ def test_a_whole_adapter_is_published_then_announced(base_model_dir, tmp_path):
     registry, producer = PolicyRegistry(tmp_path / "registry"), RecordingProducer()
     version = publish(write_adapter(tmp_path / "adapter", base_model_dir), registry, producer, base_model_dir)
     assert version.name == "v1" and [key for _, key, _ in producer.sent] == ["v1"]
+    [(_, _, event)] = producer.sent
+    assert event.signed_by(policy_signing_keys(SharedSettings()))  # serving follows signed announcements only
