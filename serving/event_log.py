@@ -1,9 +1,9 @@
 """Completions, feedback and canary verdicts to Kafka, through a spool on disk while Kafka cannot take them.
 
 One sender thread hands every event to the producer: kafka-python's send() may block (metadata, a full
-buffer), never on the event loop. An event the producer could not take, or could not deliver within
-`ack_timeout_s` (its delivery timeout), goes to the spool (serving/spool.py); while the spool holds anything,
-new events queue behind it there. A replayer thread sends the spool's records in order once Kafka is back,
+buffer), never on the event loop. An event the producer could not take, or did not deliver within
+`ack_timeout_s` (its delivery timeout; what it still holds a second later is taken back), goes to the spool
+(serving/spool.py); while the spool holds anything, new events queue behind it there. A replayer thread sends the spool's records in order once Kafka is back,
 with back-off, and moves the spool's cursor only past what Kafka acknowledged. Delivery is at least once
 (a replay after a lost acknowledgement, or after a crash before the cursor moved, sends a record again);
 the trainer stores each event id once. Events in flight when Kafka failed may land after later ones.
@@ -22,6 +22,7 @@ import logging
 import queue
 import struct
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,8 @@ from serving.spool import Spool, SpooledRecord, SpoolFull
 log = logging.getLogger(__name__)
 
 REPLAY_BATCH = 500
+GRACE_S = 1.0  # past the delivery timeout, an event the producer still holds is taken back and spooled
+SWEEP_S = 0.25  # how often the sender looks for such events when idle
 BACKOFF_S = (0.2, 10.0)  # first and longest pause between replays that failed
 LINGER_MS = 5
 # Kafka refuses these for the record itself: retrying cannot help, so a replay drops the record (counted).
@@ -96,6 +99,8 @@ class KafkaEventLog:
         self._spool = Spool(spool_dir, spool_max_bytes)
         _watch(self._spool)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._in_flight: dict[_Pending, float] = {}  # sent, not yet acknowledged nor failed: by deadline
         self._stopping = threading.Event()
         self._spooled = threading.Event()  # wakes the replayer
         self._replayer = threading.Thread(target=self._replay_loop, name="event-replay", daemon=True)
@@ -151,39 +156,43 @@ class KafkaEventLog:
                 pass
 
         self._queue.put(_Pending(kind, topic, key, event.model_dump_json(), settle, spool))
+        # Settled within the delivery timeout and its grace; this bound is for a stuck sender thread only.
+        guard = loop.call_later(self._ack_timeout_s + GRACE_S + 10, _expire, future, kind)
         try:
-            # The producer settles it within its delivery timeout; this bound is for a stuck sender only.
-            await asyncio.wait_for(future, timeout=3 * self._ack_timeout_s)
-        except TimeoutError:
-            limit = 3 * self._ack_timeout_s
-            raise EventLogUnavailable(f"the {kind} event was not stored within {limit:.0f} s") from None
+            await future
+        finally:
+            guard.cancel()
 
     # --- The sender thread ----------------------------------------------------------------------
 
     def _send_loop(self) -> None:
         while True:
-            batch = [self._queue.get()]
-            while len(batch) < REPLAY_BATCH:
+            try:
+                batch = [self._queue.get(timeout=SWEEP_S)]
+            except queue.Empty:
+                batch = []
+            while batch and len(batch) < REPLAY_BATCH:
                 try:
                     batch.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
             stopping = _STOP in batch
             backlog = self._spool.records > 0  # new events queue behind the spooled ones
-            to_spool = []
+            to_spool = self._overdue(time.monotonic())
             for pending in batch:
                 if pending is _STOP:
                     continue
                 if pending.failed or (pending.spool and backlog) or not self._send(pending):
                     to_spool.append(pending)
-            if to_spool:
-                self._to_spool(to_spool)
+            self._to_spool(to_spool)
             if stopping:
                 self._finish()
                 return
 
     def _send(self, pending: _Pending) -> bool:
         """Hand it to the producer; False if the producer refused it outright and it should be spooled."""
+        with self._lock:
+            self._in_flight[pending] = time.monotonic() + self._ack_timeout_s + GRACE_S
         try:
             future = self._producer.send(pending.topic, key=pending.key, value=pending.value)
         except Exception as exc:  # any producer error: neither the event nor this thread may be lost
@@ -193,13 +202,42 @@ class KafkaEventLog:
         future.add_errback(self._failed, pending)
         return True
 
+    def _claim(self, pending: _Pending) -> bool:
+        """Whether this outcome is the event's first (an acknowledgement, a failure, or being overdue)."""
+        with self._lock:
+            return self._in_flight.pop(pending, None) is not None
+
+    def _overdue(self, now: float) -> list[_Pending]:
+        """Events sent that the producer has neither delivered nor failed in time: it can hold them without
+        expiring them (waiting for a producer id from a broker that is gone), so they are taken back."""
+        late = []
+        with self._lock:
+            while self._in_flight:
+                pending, deadline = next(iter(self._in_flight.items()))  # the oldest: deadlines grow in order
+                if deadline > now:
+                    break
+                del self._in_flight[pending]
+                late.append(pending)
+        spooled = []
+        for pending in late:
+            metrics.EVENTS_FAILED.labels(pending.kind).inc()
+            if pending.spool:
+                spooled.append(pending)
+            elif pending.settle:
+                pending.settle(EventLogUnavailable(f"Kafka did not acknowledge the {pending.kind} event in time"))
+        return spooled
+
     def _delivered(self, pending: _Pending, _metadata) -> None:
+        if not self._claim(pending):
+            return  # spooled already as overdue: Kafka will have it twice, the consumers keep one
         metrics.EVENTS_SENT.labels(pending.kind).inc()
         if pending.settle:
             pending.settle(None)
 
     def _failed(self, pending: _Pending, exc: BaseException, requeue: bool = True) -> None:
         """The producer gave up on an event (on its own thread): to the spool, through the sender."""
+        if not self._claim(pending):
+            return
         metrics.EVENTS_FAILED.labels(pending.kind).inc()
         if not pending.spool:
             if pending.settle:
@@ -212,6 +250,8 @@ class KafkaEventLog:
 
     def _to_spool(self, batch: list[_Pending]) -> None:
         """One fsync for the whole batch (a group commit), then each waiting caller is told."""
+        if not batch:
+            return
         if not self._spool.records:
             log.warning("Kafka is not taking events: spooling them to %s", self._spool.directory)
         try:
@@ -231,23 +271,24 @@ class KafkaEventLog:
         self._spooled.set()
 
     def _finish(self) -> None:
-        """At close: wait for what is in flight; what Kafka does not take by then is spooled for the next start."""
+        """At close: wait for what is in flight; what Kafka has not taken by then is spooled for the next start."""
         try:
-            self._producer.flush(timeout=self._ack_timeout_s + 5)
+            self._producer.flush(timeout=self._ack_timeout_s + GRACE_S)
         except Exception as exc:
             log.warning("flush at close: %s", exc)
-        leftovers = []
+        leftovers = self._overdue(float("inf"))
         while True:
             try:
-                leftovers.append(self._queue.get_nowait())
+                pending = self._queue.get_nowait()
             except queue.Empty:
                 break
-        for pending in leftovers:
-            if pending is not _STOP and not pending.spool and pending.settle:
+            if pending is _STOP:
+                continue
+            if pending.spool:
+                leftovers.append(pending)
+            elif pending.settle:
                 pending.settle(EventLogUnavailable("the event log is closing"))
-        leftovers = [p for p in leftovers if p is not _STOP and p.spool]
-        if leftovers:
-            self._to_spool(leftovers)
+        self._to_spool(leftovers)
 
     # --- The replayer thread --------------------------------------------------------------------
 
@@ -318,6 +359,10 @@ def _settle(future: asyncio.Future, error: BaseException | None) -> None:
         future.set_result(None)
     else:
         future.set_exception(error)
+
+
+def _expire(future: asyncio.Future, kind: str) -> None:
+    _settle(future, EventLogUnavailable(f"the {kind} event was not stored in time"))
 
 
 def _watch(spool: Spool) -> None:

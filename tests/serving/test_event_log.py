@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from kafka.errors import KafkaTimeoutError
 from prometheus_client import REGISTRY
 
 from common.settings import SharedSettings
 from feedback import CompletionEvent, FeedbackEvent, parse_feedback
+from serving import event_log
 from serving.event_log import EventLogUnavailable, KafkaEventLog
 from tests.durable_broker import durable_broker, skip_on_external_cluster
 from tests.serving.test_kafka_integration import read_topic
@@ -73,6 +75,38 @@ async def test_events_during_an_outage_are_spooled_and_replayed_in_order(broker,
         assert arrived[1:] == [e.event_id for e in during]
         assert await asyncio.to_thread(event_ids, topics, topics.completions_topic, 1) == [completions.event_id]
         assert metric("rlhf_spool_records") == 0
+    finally:
+        log.close()
+
+
+class HoldingProducer:
+    """Takes every event and never settles it, as kafka-python's idempotent producer does while it waits for
+    a producer id (or an epoch bump) from a broker that has gone: it expires nothing meanwhile."""
+
+    def send(self, topic, key, value):
+        return self
+
+    def add_callback(self, *args):
+        pass
+
+    add_errback = add_callback
+
+    def get(self, timeout):
+        raise KafkaTimeoutError("held")
+
+    def flush(self, timeout):
+        pass
+
+    def close(self, timeout):
+        pass
+
+
+async def test_events_the_producer_holds_past_the_delivery_timeout_are_spooled(topics, tmp_path, monkeypatch):
+    monkeypatch.setattr(event_log, "make_producer", lambda settings, **config: HoldingProducer())
+    log = KafkaEventLog(topics, tmp_path / "spool", queue_size=100, ack_timeout_s=ACK_TIMEOUT_S)
+    try:
+        await log.record_feedback(thumbs("c0"))  # durable: taken back from the producer and spooled
+        assert metric("rlhf_spool_records") == 1
     finally:
         log.close()
 
