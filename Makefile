@@ -56,6 +56,7 @@ test-fast: $(INSTALLED)
 bench: $(INSTALLED) model
 	$(BIN)/python bench/serving_bench.py --model $(BASE_MODEL)
 	$(BIN)/python bench/rollout_bench.py --model $(BASE_MODEL)
+	$(BIN)/python bench/feedback_bench.py
 
 # The learning benchmark (bench/demo.py): the stack as `make up` runs it, simulated users with a hidden
 # preference chatting for DEMO_MINUTES, every version measured on pinned requests; one run per preference,
