@@ -1,10 +1,12 @@
 """Feedback through HTTP against a bare kafka-python producer: same broker, same run, both acks=all.
 
-    python bench/feedback_bench.py [--concurrency 64] [--events 20000] [--completions 200]
+    python bench/feedback_bench.py [--concurrency 64] [--events 20000] [--batch 100] [--completions 200]
 
 HTTP: the serving app with its real event log and spool, under uvicorn in a process of its own, with a fake
 engine (only feedback is measured; the completions it rates come from the app's chat endpoint). Closed
-loop: `--concurrency` clients (aiohttp), each posting a thumbs rating and waiting for its 202 before the next.
+loop: `--concurrency` clients (aiohttp), each posting a thumbs rating and waiting for its 202 before the next;
+then the same through the batch endpoint (`--batch` thumbs a request, `--batch-concurrency` clients), as an
+app that buffers its users' feedback would send it.
 Bare producer, twice: sending everything at once and flushing (its ceiling), and closed loop with as many
 events in flight as the HTTP path has clients (each acknowledgement sends the next). Afterwards each topic is
 read to its end and counted by event id: lost (accepted, never arrived) and duplicated events.
@@ -55,32 +57,44 @@ def serve() -> None:
 
 
 def summary(latencies: list[float], elapsed: float) -> dict:
+    if not latencies:
+        return {"events/s": 0.0, "p50 ms": float("nan"), "p99 ms": float("nan")}
     latencies = sorted(latencies)
     return {"events/s": len(latencies) / elapsed, "p50 ms": 1000 * statistics.median(latencies),
             "p99 ms": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]}
 
 
-async def http_load(url: str, completion_ids: list[str], concurrency: int, total: int) -> tuple[dict, list[str]]:
+async def http_load(url: str, completion_ids: list[str], concurrency: int, total: int,
+                    batch: int = 1) -> tuple[dict, list[str]]:
+    """Closed loop: `concurrency` clients, each posting one thumbs (batch 1: POST /v1/feedback) or `batch` of
+    them (POST /v1/feedback/batch) and waiting for the answer; an event's latency is its request's."""
     latencies, accepted, refused = [], [], Counter()
     issued = 0
 
-    async def client(http: aiohttp.ClientSession) -> None:
+    def thumbs() -> dict:
         nonlocal issued
+        issued += 1
+        return {"type": "thumbs", "completion_id": completion_ids[issued % len(completion_ids)], "rating": "up"}
+
+    async def client(http: aiohttp.ClientSession) -> None:
         while issued < total:
-            body = {"type": "thumbs", "completion_id": completion_ids[issued % len(completion_ids)], "rating": "up"}
-            issued += 1
+            items = [thumbs() for _ in range(min(batch, total - issued))]
+            path, body = ("/v1/feedback", items[0]) if batch == 1 else ("/v1/feedback/batch", {"feedback": items})
             started = time.perf_counter()
             try:
-                async with http.post(f"{url}/v1/feedback", json=body) as response:
+                async with http.post(f"{url}{path}", json=body) as response:
                     answer = await response.json()
             except aiohttp.ClientError as exc:
-                refused[type(exc).__name__] += 1
+                refused[type(exc).__name__] += len(items)
                 continue
-            if response.status == 202:
-                latencies.append(time.perf_counter() - started)
-                accepted.append(answer["id"])
-            else:
-                refused[response.status] += 1
+            took = time.perf_counter() - started
+            results = [{**answer, "status": response.status}] if batch == 1 else answer.get("data", [])
+            for result in results:
+                if result["status"] == 202:
+                    latencies.append(took)
+                    accepted.append(result["id"])
+                else:
+                    refused[result["status"]] += 1
 
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as http:
@@ -172,17 +186,20 @@ def bare_closed_loop(settings: SharedSettings, events: list[tuple[str, str, str]
 
 
 def arrivals(settings: SharedSettings, accepted: list[str]) -> dict:
-    """Read the feedback topic to its end: accepted events that never arrived, and extra copies."""
+    """Read the feedback topic to its end: accepted events that never arrived, and extra copies of accepted ones
+    (the batch path shares the single path's topic)."""
     seen = Counter(FeedbackEvent.model_validate_json(record.value).event_id
                    for batch in whole_topic(settings, settings.feedback_topic).values() for record in batch)
     return {"accepted": len(accepted), "arrived": len(set(accepted) & set(seen)),
-            "lost": len(set(accepted) - set(seen)), "duplicates": sum(n - 1 for n in seen.values())}
+            "lost": len(set(accepted) - set(seen)), "duplicates": sum(seen[event_id] - 1 for event_id in set(accepted) if seen[event_id] > 1)}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--events", type=int, default=20_000, help="measured events per path")
+    parser.add_argument("--batch", type=int, default=100, help="events per request on the batch path")
+    parser.add_argument("--batch-concurrency", type=int, default=4, help="clients on the batch path")
     parser.add_argument("--completions", type=int, default=200, help="completions served, then rated")
     parser.add_argument("--warmup", type=int, default=1_000, help="HTTP feedback before the measured run")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # the server process
@@ -217,6 +234,9 @@ def main() -> int:
         _, warmup = asyncio.run(http_load(url, completion_ids, args.concurrency, args.warmup))
         figures, accepted = asyncio.run(http_load(url, completion_ids, args.concurrency, args.events))
         results["HTTP, serving app"] = {**figures, **arrivals(http_topics, warmup + accepted)}
+        figures, batched = asyncio.run(http_load(url, completion_ids, args.batch_concurrency, args.events,
+                                                 batch=args.batch))
+        results[f"HTTP batch of {args.batch}"] = {**figures, **arrivals(http_topics, batched)}
     finally:
         stop_service(server)
     events = bare_events(completion_ids, 2 * args.events)
