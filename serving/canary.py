@@ -3,8 +3,9 @@ evidence promotes it to all of it, or rolls it back. The first verdict on a vers
 
 The two arms run side by side over the same window, so a change in traffic or in users' mood affects
 both alike. Evidence, per arm (serving/canary_evidence.py: once per answer and user, latest rating wins;
-pinned and operators' requests excluded): the requests served and how many failed, and the answers users
-rated (thumbs, and 1-7 ratings: 5 and up approves, 3 and down disapproves). And head to head: while a
+pinned and operators' requests excluded): the requests this replica served and how many failed, and the
+answers users rated (thumbs, and 1-7 ratings: 5 and up approves, 3 and down disapproves), whichever
+replica served them: the signed completion id says what the feedback needs. And head to head: while a
 canary runs (and no A/B candidate is set), A/B requests compare it with the baseline, and a pairwise
 choice between the two is direct evidence of which users prefer.
 
@@ -70,6 +71,7 @@ from serving.canary_stats import (
     planned_standard_error,
     preference_comparison,
 )
+from serving.completion_ids import ServedAnswer
 
 
 class CanaryConfig(BaseModel):
@@ -100,8 +102,8 @@ class CanaryConfig(BaseModel):
                                    "margin (the one-sided level of the non-inferiority test).")
     promotion_power: float = Field(0.85, gt=0.5, lt=1, description="Planned chance of promoting a canary as "
                                    "good as its baseline: it sets how much evidence the test waits for.")
-    answer_memory: int = Field(100_000, ge=1, description="Canary-trial answers remembered for the feedback "
-                               "on them; feedback on older ones is no evidence.")
+    answer_memory: int = Field(100_000, ge=1, description="Rated answers whose votes a trial keeps, so that "
+                               "a user's later vote replaces theirs; feedback on older ones is no evidence.")
     min_failures: int = Field(3, ge=1, description="Failed canary requests before failures can roll it back.")
     max_failure_rate_excess: float = Field(0.05, ge=0, le=1, description="Roll back when the canary's failure "
                                            "rate exceeds the baseline's by more than this.")
@@ -134,11 +136,13 @@ class CanaryTrial:
     canary: PolicyVersion
     config: CanaryConfig
     started_at: float = field(default_factory=time.monotonic)
+    started_wall: float = field(default_factory=time.time)  # answers issued before it are no evidence
     evidence: Evidence = field(init=False)
     decided: Verdict | None = field(default=None, init=False)  # the first verdict, final
 
     def __post_init__(self):
-        self.evidence = Evidence(self.baseline.name, self.canary.name, self.config.answer_memory)
+        self.evidence = Evidence(self.baseline.name, self.canary.name, self.config.answer_memory,
+                                 since=self.started_wall)
 
     def takes(self, user_hash: str | None) -> bool:
         """Whether a request goes to the canary; with routing "user", a known user stays on one arm."""
@@ -147,12 +151,14 @@ class CanaryTrial:
         digest = hashlib.sha256(f"{self.canary.name}/{user_hash}".encode()).digest()
         return int.from_bytes(digest[:8]) / 2**64 < self.config.fraction
 
-    def observe_request(self, completion_id: str, versions: Sequence[str], failed: bool) -> None:
+    def observe_request(self, versions: Sequence[str], failed: bool) -> None:
         """A request this trial routed (neither pinned nor an operator's): `versions[i]` wrote choice i."""
-        self.evidence.observe_request(completion_id, versions, failed)
+        self.evidence.observe_request(versions, failed)
 
-    def observe_feedback(self, feedback: Feedback, user_hash: str | None) -> None:
-        self.evidence.observe_feedback(feedback, user_hash)
+    def observe_feedback(self, feedback: Feedback, user_hash: str | None,
+                         answers: Sequence[ServedAnswer]) -> None:
+        """Feedback on `answers` (their verified ids), served by any replica."""
+        self.evidence.observe_feedback(feedback, user_hash, answers)
 
     def verdict(self, now: float | None = None) -> Verdict | None:
         """Roll back, promote, or (None) keep watching. Once reached, the verdict stays."""

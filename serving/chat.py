@@ -51,7 +51,7 @@ class PreparedChat:
     prompt_token_ids: list[int]
     options: SamplingOptions
     user_hash: str | None
-    evidence: bool  # routed by serving, not pinned nor an operator's: counts for the canary
+    evidence: bool  # routed by serving, not pinned nor an operator's: counts for the canary (its id says so)
     versions: list[str]  # the version that writes each choice (signed into the completion id)
     ab_policies: list[PolicyVersion] | None = None  # A/B: choice i comes from ab_policies[i]
 
@@ -114,8 +114,9 @@ class ChatService:
         )
         versions = [p.name for p in ab_policies] if ab_policies else [policy.name] * options.n
         created = int(time.time())
+        evidence = not operator and self._policies.routes(request.model)
         return PreparedChat(
-            completion_id=self._ids.issue(versions, created),
+            completion_id=self._ids.issue(versions, created, routed=evidence),
             created=created,
             model=f"{self._policies.served_model_name}@{policy.name}",
             policy=policy,
@@ -123,7 +124,7 @@ class ChatService:
             prompt_token_ids=prompt_token_ids,
             options=options,
             user_hash=user_hash,
-            evidence=not operator and self._policies.routes(request.model),
+            evidence=evidence,
             versions=versions,
             ab_policies=ab_policies,
         )
@@ -196,7 +197,7 @@ class ChatService:
 
     def _observe(self, chat: PreparedChat, failed: bool) -> None:
         if chat.evidence:
-            self._policies.observe_request(chat.completion_id, chat.versions, failed)
+            self._policies.observe_request(chat.versions, failed)
 
     def _finished(self, chat: PreparedChat, transcript: _Transcript) -> None:
         metrics.GENERATED_TOKENS.labels(chat.policy.name).inc(sum(transcript.tokens))

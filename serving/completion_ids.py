@@ -1,9 +1,11 @@
 """Completion ids that carry what feedback on them needs, signed: any replica, before or after a restart,
 checks feedback on any completion any replica served, with nothing remembered.
 
-`chatcmpl-<payload>.<mac>`, both parts unpadded url-safe base64. The payload packs a format byte, the key
-id, the issue time (unix seconds), a random nonce (so every id is unique) and the version that wrote each
-choice: one name when all choices share it, else one name per choice, comma-separated. The mac is
+`chatcmpl-<payload>.<mac>`, both parts unpadded url-safe base64. The payload packs a format byte, a flags
+byte (bit 0: serving routed the request by the canary's rules, so its answers are evidence in the canary's
+trial on any replica), the key id, the issue time (unix seconds), a random nonce (so every id is unique)
+and the version that wrote each choice: one name when all choices share it, else one name per choice,
+comma-separated. Format 1 ids (no flags byte) still verify, as not routed, until they expire. The mac is
 HMAC-SHA256 over the payload's text under a key every replica shares; it is compared as text, so no other
 spelling of an id (another base64 of the same bytes) ever verifies: the id is also the key that joins
 feedback to its completion downstream.
@@ -24,13 +26,20 @@ import secrets
 import struct
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from common.keys import configured_key
-from serving.settings import ServingSettings
+
+if TYPE_CHECKING:  # the settings import the canary, whose evidence reads these ids
+    from serving.settings import ServingSettings
 
 PREFIX = "chatcmpl-"
-_FORMAT = 1
-_HEADER = struct.Struct(">B4sI8sB")  # format, key id, issued at, nonce, number of choices
+_FORMAT = 2
+_HEADERS = {  # format -> its header
+    1: struct.Struct(">B4sI8sB"),  # format, key id, issued at, nonce, number of choices
+    2: struct.Struct(">BB4sI8sB"),  # format, flags, key id, issued at, nonce, number of choices
+}
+_ROUTED = 0x01
 _SHAPE = re.compile(rf"{PREFIX}([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]{{43}})")
 MIN_KEY_LENGTH = 32
 
@@ -46,9 +55,22 @@ class ExpiredCompletionId(Exception):
 
 
 @dataclass(frozen=True)
+class ServedAnswer:
+    """One choice of a completion, as its verified id tells it."""
+
+    version: str  # the version that wrote it
+    routed: bool  # served by the canary's rules: neither pinned to a version nor an operator's request
+    issued_at: int  # unix seconds
+
+
+@dataclass(frozen=True)
 class VerifiedCompletion:
     versions: tuple[str, ...]  # the version that wrote each choice
     issued_at: int  # unix seconds
+    routed: bool
+
+    def answer(self, choice_index: int) -> ServedAnswer:
+        return ServedAnswer(self.versions[choice_index], self.routed, self.issued_at)
 
 
 def _b64(data: bytes) -> str:
@@ -83,13 +105,14 @@ class CompletionIds:
         previous = settings.completion_previous_key
         return cls(key, previous.get_secret_value() if previous else None, settings.completion_id_max_age_s)
 
-    def issue(self, versions: list[str], issued_at: int | None = None) -> str:
-        """A new id for a completion whose choice i `versions[i]` writes."""
+    def issue(self, versions: list[str], issued_at: int | None = None, routed: bool = False) -> str:
+        """A new id for a completion whose choice i `versions[i]` writes; `routed`: see ServedAnswer."""
         if not versions or any(not v or "," in v for v in versions):
             raise ValueError(f"not a list of version names: {versions!r}")
         names = versions[:1] if len(set(versions)) == 1 else versions
         issued_at = int(time.time()) if issued_at is None else issued_at
-        header = _HEADER.pack(_FORMAT, _key_id(self._current), issued_at, secrets.token_bytes(8), len(versions))
+        header = _HEADERS[_FORMAT].pack(_FORMAT, _ROUTED if routed else 0, _key_id(self._current), issued_at,
+                                        secrets.token_bytes(8), len(versions))
         payload = _b64(header + ",".join(names).encode())
         return f"{PREFIX}{payload}.{self._mac(self._current, payload)}"
 
@@ -103,21 +126,23 @@ class CompletionIds:
         payload, mac = shape.groups()
         try:
             raw = _unb64(payload)
-            fmt, key_id, issued_at, _nonce, n = _HEADER.unpack_from(raw)
-            names = raw[_HEADER.size:].decode().split(",")
-        except (binascii.Error, struct.error, UnicodeDecodeError):
+            header = _HEADERS[raw[0]]
+            _fmt, *flags, key_id, issued_at, _nonce, n = header.unpack_from(raw)  # format 1: no flags
+            names = raw[header.size:].decode().split(",")
+        except (binascii.Error, struct.error, UnicodeDecodeError, IndexError, KeyError):
             raise invalid from None
         key = self._keys.get(key_id)
         if key is None or not hmac.compare_digest(mac, self._mac(key, payload)):
             raise invalid
         # Signed by us, so well formed unless a future format reached an older replica.
-        if fmt != _FORMAT or n < 1 or len(names) not in (1, n):
+        if n < 1 or len(names) not in (1, n):
             raise invalid
         age = (time.time() if now is None else now) - issued_at
         if age > self._max_age_s:
             raise ExpiredCompletionId(f"completion {completion_id!r} was served {age / 86400:.1f} days ago; "
                                       f"feedback is accepted for {self._max_age_s / 86400:g} days")
-        return VerifiedCompletion(tuple(names * n if len(names) == 1 else names), issued_at)
+        return VerifiedCompletion(tuple(names * n if len(names) == 1 else names), issued_at,
+                                  routed=any(f & _ROUTED for f in flags))
 
     @staticmethod
     def _mac(key: bytes, payload: str) -> str:

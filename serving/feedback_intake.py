@@ -19,6 +19,7 @@ from feedback import Feedback, FeedbackEvent, idempotent_event_id
 from serving import metrics
 from serving.canary_evidence import approval
 from serving.chat import hash_user
+from serving.completion_ids import ServedAnswer
 from serving.errors import APIError, bad_request, describe_errors
 from serving.event_log import EventLogUnavailable, EventSink
 from serving.idempotency import IdempotencyCache, IdempotencyConflict
@@ -27,9 +28,9 @@ from serving.protocol import BatchItemResult, ErrorInfo, FeedbackAccepted, Feedb
 from serving.rate_limit import FeedbackLimits, RateLimited, TokenBuckets
 from serving.settings import ServingSettings
 
-# Raises APIError when the feedback names answers that were not served; else returns the version that wrote
-# each answer it names (feedback.referenced_choices' order).
-Check = Callable[[Feedback], Sequence[str]]
+# Raises APIError when the feedback names answers that were not served; else returns what the verified ids
+# say of each answer it names (feedback.referenced_choices' order).
+Check = Callable[[Feedback], Sequence[ServedAnswer]]
 
 
 class FeedbackIntake:
@@ -84,7 +85,7 @@ class FeedbackIntake:
 
     async def _accept(self, feedback: Feedback, user_hash: str | None, key_id: str | None,
                       event_id: str | None, check: Check) -> FeedbackAccepted:
-        versions = check(feedback)
+        answers = check(feedback)
         try:
             self._limits.admit(key_id, user_hash)
         except RateLimited as exc:
@@ -99,7 +100,7 @@ class FeedbackIntake:
             raise APIError(503, f"feedback could not be stored right now ({exc}); retry", type="service_unavailable",
                            headers={"Retry-After": str(exc.retry_after_s)}) from None
         metrics.FEEDBACK.labels(feedback.type).inc()
-        if (vote := approval(feedback)) is not None:  # thumbs and ratings judge one answer: versions[0]
-            metrics.FEEDBACK_VOTES.labels(versions[0], "up" if vote else "down").inc()
-        self._policies.observe_feedback(feedback, user_hash)
+        if (vote := approval(feedback)) is not None:  # thumbs and ratings judge one answer: answers[0]
+            metrics.FEEDBACK_VOTES.labels(answers[0].version, "up" if vote else "down").inc()
+        self._policies.observe_feedback(feedback, user_hash, answers)
         return FeedbackAccepted(id=event.event_id)

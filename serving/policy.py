@@ -24,6 +24,7 @@ from common.settings import SharedSettings
 from feedback import Feedback, PolicyEvent
 from serving import metrics
 from serving.canary import CanaryConfig, CanaryTrial, Verdict
+from serving.completion_ids import ServedAnswer
 from serving.engine import EngineClient
 
 log = logging.getLogger(__name__)
@@ -189,15 +190,17 @@ class PolicyManager:
             return [trial.baseline, trial.canary]
         return [policy, policy]
 
-    def observe_request(self, completion_id: str, versions: Sequence[str], failed: bool) -> None:
-        """A request serving routed (see `routes`), not an operator's: evidence for the canary."""
+    def observe_request(self, versions: Sequence[str], failed: bool) -> None:
+        """A request this replica routed (see `routes`), not an operator's: evidence for the canary."""
         if self.trial is not None:
-            self.trial.observe_request(completion_id, versions, failed)
+            self.trial.observe_request(versions, failed)
 
-    def observe_feedback(self, feedback: Feedback, user_hash: str | None) -> None:
-        """Feedback on an answer; it counts for the canary only on answers its trial routed."""
+    def observe_feedback(self, feedback: Feedback, user_hash: str | None,
+                         answers: Sequence[ServedAnswer]) -> None:
+        """Feedback on `answers` (what their verified ids say), served by any replica: evidence for the canary
+        on answers routed by its rules since its trial started."""
         if self.trial is not None:
-            self.trial.observe_feedback(feedback, user_hash)
+            self.trial.observe_feedback(feedback, user_hash, answers)
 
     def versions(self) -> list[PolicyVersion]:
         return self._registry.list()

@@ -5,7 +5,13 @@ from fastapi.responses import JSONResponse
 
 from feedback import Feedback, referenced_choices
 from serving.auth import key_id
-from serving.completion_ids import CompletionIds, ExpiredCompletionId, InvalidCompletionId
+from serving.completion_ids import (
+    CompletionIds,
+    ExpiredCompletionId,
+    InvalidCompletionId,
+    ServedAnswer,
+    VerifiedCompletion,
+)
 from serving.deps import CompletionIdsDep, FeedbackIntakeDep
 from serving.errors import APIError, bad_request, not_found
 from serving.protocol import (
@@ -48,23 +54,23 @@ async def create_feedback_batch(
                         headers={"Retry-After": str(max(waits))} if waits else None)
 
 
-def _check(ids: CompletionIds, feedback: Feedback) -> list[str]:
+def _check(ids: CompletionIds, feedback: Feedback) -> list[ServedAnswer]:
     """Every answer the feedback names was served: its completion id is signed, fresh, and has the choice.
-    Returns the version that wrote each of those answers."""
-    written = []
+    Returns what the ids say of each of those answers."""
+    answers = []
     for ref in referenced_choices(feedback):
-        versions = _versions(ids, ref.completion_id)
-        if ref.choice_index >= len(versions):
-            raise bad_request(f"completion {ref.completion_id!r} has {len(versions)} choice(s); "
+        completion = _verify(ids, ref.completion_id)
+        if ref.choice_index >= len(completion.versions):
+            raise bad_request(f"completion {ref.completion_id!r} has {len(completion.versions)} choice(s); "
                               f"choice_index {ref.choice_index} does not exist", param="choice_index")
-        written.append(versions[ref.choice_index])
-    return written
+        answers.append(completion.answer(ref.choice_index))
+    return answers
 
 
-def _versions(ids: CompletionIds, completion_id: str) -> tuple[str, ...]:
-    """The version that wrote each choice, from the signed id: 404 if no replica issued it, 410 if too old."""
+def _verify(ids: CompletionIds, completion_id: str) -> VerifiedCompletion:
+    """What the signed id says: 404 if no replica issued it, 410 if too old."""
     try:
-        return ids.verify(completion_id).versions
+        return ids.verify(completion_id)
     except InvalidCompletionId as exc:
         raise not_found(str(exc), param="completion_id") from None
     except ExpiredCompletionId as exc:

@@ -1,7 +1,7 @@
-"""The canary: its statistics by hand, what counts as evidence (once per answer and user, nothing pinned),
-its operating characteristics in simulation, then through the app on the fake engine (share, rollback on
-bad ratings and on failures, promotion, operator verdicts, verdicts surviving a restart, the first
-verdict final)."""
+"""The canary: its statistics by hand, what counts as evidence (once per answer and user, whichever replica
+served it; nothing pinned nor older than the trial), its operating characteristics in simulation, then
+through the app on the fake engine (share, rollback on bad ratings and on failures, promotion, operator
+verdicts, verdicts surviving a restart, the first verdict final)."""
 
 from __future__ import annotations
 
@@ -16,16 +16,18 @@ import pytest
 from fastapi.testclient import TestClient
 
 from common.registry import BASE_POLICY, PROMOTED, ROLLED_BACK, PolicyRegistry, PolicyVersion
-from feedback import parse_feedback
+from feedback import parse_feedback, referenced_choices
 from serving.app import build_app
 from serving.canary import CanaryConfig, CanaryTrial
 from serving.canary_evidence import ArmStats, HeadToHead, approval
 from serving.canary_stats import approval_comparison, planned_standard_error, preference_comparison
+from serving.completion_ids import CompletionIds
 from serving.settings import ServingSettings
 from tests.serving.test_policy import publish_fake_adapter
 
 USER = [{"role": "user", "content": "Hello"}]
 CANARY_V1 = PolicyVersion(number=1, path=None, manifest={"version": "v1"})
+IDS = CompletionIds("k" * 32)  # every replica's key
 ROLLBACK_THRESHOLD = math.log(2 / 0.01)  # mSPRT at the default alpha 1%, halved between its two tests
 
 
@@ -34,11 +36,18 @@ def trial(**config) -> CanaryTrial:
     return CanaryTrial(baseline=BASE_POLICY, canary=CANARY_V1, config=CanaryConfig(**{**defaults, **config}))
 
 
-def serve(t: CanaryTrial, *versions: str, failed: bool = False) -> str:
-    """A request the trial routed, one choice per version; its completion id."""
-    completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-    t.observe_request(completion_id, list(versions), failed)
-    return completion_id
+def serve(t: CanaryTrial, *versions: str, failed: bool = False, routed: bool = True,
+          issued_at: int | None = None) -> str:
+    """A request to the trial's replica, one choice per version (counted there when routed); its signed id."""
+    if routed:
+        t.observe_request(list(versions), failed)
+    return IDS.issue(list(versions), issued_at=issued_at, routed=routed)
+
+
+def tell(t: CanaryTrial, feedback, user_hash: str | None = None) -> None:
+    """Feedback as the intake passes it on, with what the verified ids say of the answers it names."""
+    answers = [IDS.verify(ref.completion_id).answer(ref.choice_index) for ref in referenced_choices(feedback)]
+    t.observe_feedback(feedback, user_hash, answers)
 
 
 def thumbs_on(completion_id: str, up: bool, choice_index: int = 0):
@@ -57,13 +66,13 @@ def feed(t: CanaryTrial, version: str, requests: int = 0, failures: int = 0, ups
     for i in range(requests):
         serve(t, version, failed=i < failures)
     for up in [True] * ups + [False] * downs:
-        t.observe_feedback(thumbs_on(serve(t, version), up), user_hash=None)
+        tell(t, thumbs_on(serve(t, version), up))
 
 
 def choose(t: CanaryTrial, canary_wins: int, baseline_wins: int) -> None:
     """A/B answers (baseline first) and users' choices between them."""
     for canary_won in [True] * canary_wins + [False] * baseline_wins:
-        t.observe_feedback(pairwise(serve(t, "v0", "v1"), "b" if canary_won else "a"), user_hash=None)
+        tell(t, pairwise(serve(t, "v0", "v1"), "b" if canary_won else "a"))
 
 
 # --- The statistics by hand -----------------------------------------------------------------------
@@ -126,19 +135,19 @@ def test_latest_rating_per_answer_and_user_wins():
     t = trial()
     answer = serve(t, "v1")
     for up in (True, True, False, True, False):  # one anonymous voter changing their mind
-        t.observe_feedback(thumbs_on(answer, up), user_hash=None)
+        tell(t, thumbs_on(answer, up))
     assert t.evidence.arms["canary"] == ArmStats(requests=1, ratings=1, approvals=0)
     for user, up in (("alice", True), ("bob", True), ("alice", True), ("bob", False)):
-        t.observe_feedback(thumbs_on(answer, up), user_hash=user)
+        tell(t, thumbs_on(answer, up), user_hash=user)
     assert t.evidence.arms["canary"] == ArmStats(requests=1, ratings=3, approvals=1)  # anonymous, alice, bob
     neutral = parse_feedback({"type": "rating", "score": 4, "completion_id": answer})
-    t.observe_feedback(neutral, user_hash="alice")  # a 4 withdraws alice's vote
-    t.observe_feedback(parse_feedback({"type": "rating", "score": 6, "completion_id": answer}), user_hash="bob")
+    tell(t, neutral, user_hash="alice")  # a 4 withdraws alice's vote
+    tell(t, parse_feedback({"type": "rating", "score": 6, "completion_id": answer}), user_hash="bob")
     assert t.evidence.arms["canary"] == ArmStats(requests=1, ratings=2, approvals=1)
     # A second choice of the same completion is another answer.
     two = serve(t, "v1", "v1")
-    t.observe_feedback(thumbs_on(two, True, choice_index=0), user_hash=None)
-    t.observe_feedback(thumbs_on(two, True, choice_index=1), user_hash=None)
+    tell(t, thumbs_on(two, True, choice_index=0))
+    tell(t, thumbs_on(two, True, choice_index=1))
     assert t.evidence.arms["canary"].ratings == 4
 
 
@@ -146,40 +155,71 @@ def test_one_choice_per_pair_of_answers_and_user():
     t = trial(min_requests=1000)
     ab = serve(t, "v0", "v1")
     for preference in "abba":
-        t.observe_feedback(pairwise(ab, preference), user_hash=None)
+        tell(t, pairwise(ab, preference))
     assert t.evidence.head_to_head == HeadToHead(comparisons=1, canary_wins=0)  # the latest, "a": baseline
-    t.observe_feedback(pairwise(ab, "b"), user_hash="alice")
+    tell(t, pairwise(ab, "b"), user_hash="alice")
     assert t.evidence.head_to_head == HeadToHead(comparisons=2, canary_wins=1)
-    t.observe_feedback(pairwise(ab, "tie"), user_hash="alice")  # a tie withdraws alice's choice
+    tell(t, pairwise(ab, "tie"), user_hash="alice")  # a tie withdraws alice's choice
     assert t.evidence.head_to_head == HeadToHead(comparisons=1, canary_wins=0)
     # The same pair named the other way round is the same pair.
     swapped = parse_feedback({"type": "pairwise", "preference": "a", "a": {"completion_id": ab, "choice_index": 1},
                               "b": {"completion_id": ab, "choice_index": 0}})
-    t.observe_feedback(swapped, user_hash=None)
+    tell(t, swapped)
     assert t.evidence.head_to_head == HeadToHead(comparisons=1, canary_wins=1)
     # Two answers of one version, and rankings, are no comparison of the canary.
-    t.observe_feedback(pairwise(serve(t, "v1", "v1"), "a"), user_hash=None)
-    t.observe_feedback(parse_feedback({"type": "ranking", "ranked": [{"completion_id": ab, "choice_index": 1},
-                                                                     {"completion_id": ab}]}), user_hash=None)
+    tell(t, pairwise(serve(t, "v1", "v1"), "a"))
+    tell(t, parse_feedback({"type": "ranking", "ranked": [{"completion_id": ab, "choice_index": 1},
+                                                                     {"completion_id": ab}]}))
     assert t.evidence.head_to_head == HeadToHead(comparisons=1, canary_wins=1)
 
 
-def test_only_answers_the_trial_routed_and_still_remembers_count():
-    t = trial(answer_memory=2)
-    pinned = "chatcmpl-pinned"  # served, but never reported to the trial (pinned or an operator's)
-    t.observe_feedback(thumbs_on(pinned, False), user_hash=None)
-    t.observe_feedback(pairwise(pinned, "a"), user_hash=None)
-    other = serve(t, "v7")  # another version's answer
-    t.observe_feedback(thumbs_on(other, False), user_hash=None)
-    assert t.evidence.arms["canary"] == ArmStats() == t.evidence.arms["baseline"]
+def test_feedback_on_answers_another_replica_routed_counts():
+    """Each replica runs its own trial of the same two versions; feedback lands on whichever replica the load
+    balancer picks. Requests and failures stay with the replica that served them."""
+    here, there = trial(), trial()
+    rated, compared = serve(there, "v1"), serve(there, "v0", "v1")
+    tell(here, thumbs_on(rated, True), user_hash="alice")
+    tell(here, pairwise(compared, "b"), user_hash="alice")
+    assert here.evidence.arms["canary"] == ArmStats(ratings=1, approvals=1)
+    assert here.evidence.head_to_head == HeadToHead(comparisons=1, canary_wins=1)
+    assert there.evidence.arms["canary"] == ArmStats(requests=2) and there.evidence.head_to_head == HeadToHead()
+    tell(here, thumbs_on(rated, False), user_hash="alice")  # alice changes her mind: her latest vote counts
+    assert here.evidence.arms["canary"] == ArmStats(ratings=1, approvals=0)
+
+
+def test_pinned_operators_and_earlier_answers_are_no_evidence():
+    t = trial()
+    start = int(t.started_wall)
+    pinned = serve(t, "v0", "v1", routed=False)  # pinned to a version, or an operator's: its id says so
+    earlier = serve(t, "v0", "v1", issued_at=start - 1)  # routed, but before the trial started
+    for answer in (pinned, earlier):
+        for choice_index in (0, 1):
+            tell(t, thumbs_on(answer, False, choice_index))
+        tell(t, pairwise(answer, "a"))
+    now = serve(t, "v1")  # one side of a pair fit, the other not: no comparison
+    across = parse_feedback({"type": "pairwise", "preference": "b", "a": {"completion_id": earlier},
+                             "b": {"completion_id": now}})
+    tell(t, across)
+    tell(t, thumbs_on(serve(t, "v7"), False))  # another version's answer
+    assert [(arm.ratings, arm.approvals) for arm in t.evidence.arms.values()] == [(0, 0), (0, 0)]
     assert t.evidence.head_to_head == HeadToHead()
-    oldest = serve(t, "v1")
-    t.observe_feedback(thumbs_on(oldest, False), user_hash=None)
-    serve(t, "v1"), serve(t, "v0")  # two newer answers: the oldest is forgotten, its vote stays counted
-    t.observe_feedback(thumbs_on(oldest, True), user_hash=None)  # and a change of mind on it is ignored
-    assert t.evidence.arms["canary"] == ArmStats(requests=2, ratings=1, approvals=0)
-    t.observe_feedback(thumbs_on(serve(t, "v1"), True, choice_index=3), user_hash=None)  # no such choice
-    assert t.evidence.arms["canary"].ratings == 1
+    tell(t, thumbs_on(serve(t, "v0", issued_at=start), False))  # from the trial's first second on
+    assert t.evidence.arms["baseline"].ratings == 1
+
+
+def test_votes_are_kept_for_the_newest_answers_and_none_counts_twice():
+    t = trial(answer_memory=2)
+    start = int(t.started_wall)
+    oldest, older, newer = (serve(t, "v1", issued_at=start + i) for i in (1, 2, 3))
+    for answer in (oldest, older, newer):  # a third answer voted on: the oldest's votes are forgotten
+        tell(t, thumbs_on(answer, False))
+    assert t.evidence.arms["canary"] == ArmStats(requests=3, ratings=3, approvals=0)  # and stay counted
+    tell(t, thumbs_on(oldest, True))  # so a change of mind on it is ignored: it would count twice
+    tell(t, thumbs_on(serve(t, "v1", issued_at=start + 1), True))  # as is any answer issued no later
+    assert t.evidence.arms["canary"] == ArmStats(requests=4, ratings=3, approvals=0)
+    tell(t, thumbs_on(older, True))  # still kept: the change counts
+    tell(t, thumbs_on(serve(t, "v1", issued_at=start + 4), True))  # a newer answer counts
+    assert t.evidence.arms["canary"] == ArmStats(requests=5, ratings=4, approvals=2)
 
 
 def test_evidence_about_other_versions_is_ignored():

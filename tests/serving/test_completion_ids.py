@@ -4,8 +4,12 @@ through /v1/feedback with a 404 (or 410 when expired)."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import stat
 import string
+import struct
 
 import pytest
 from hypothesis import given
@@ -18,6 +22,7 @@ from serving.completion_ids import (
     CompletionIds,
     ExpiredCompletionId,
     InvalidCompletionId,
+    ServedAnswer,
 )
 from serving.settings import ServingSettings
 
@@ -33,21 +38,37 @@ def ids() -> CompletionIds:
 
 
 @pytest.mark.parametrize("versions", [["v0"], ["v3"] * 4, ["v12", "v13"], ["v13", "v12"], ["v1", "v2", "v2", "v1"]])
-def test_round_trip(ids, versions):
-    completion_id = ids.issue(versions, issued_at=T0)
+@pytest.mark.parametrize("routed", [False, True])
+def test_round_trip(ids, versions, routed):
+    completion_id = ids.issue(versions, issued_at=T0, routed=routed)
     assert completion_id.startswith(PREFIX)
     verified = ids.verify(completion_id, now=T0 + 60)
-    assert verified.versions == tuple(versions) and verified.issued_at == T0
+    assert (verified.versions, verified.issued_at, verified.routed) == (tuple(versions), T0, routed)
+    assert verified.answer(len(versions) - 1) == ServedAnswer(versions[-1], routed, T0)
+
+
+def test_format_1_ids_still_verify_as_not_routed(ids):
+    """Ids issued before the flags byte: format 1, key id, issued at, nonce, number of choices, names."""
+    key = KEY.encode()
+    key_id = hmac.new(key, b"completion-id key id", hashlib.sha256).digest()[:4]
+    raw = struct.pack(">B4sI8sB", 1, key_id, T0, b"12345678", 2) + b"v1,v2"
+    payload = base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+    mac = hmac.new(key, f"{PREFIX}{payload}".encode(), hashlib.sha256).digest()
+    old = f"{PREFIX}{payload}.{base64.urlsafe_b64encode(mac).rstrip(b'=').decode()}"
+    verified = ids.verify(old, now=T0 + DAY)
+    assert (verified.versions, verified.issued_at, verified.routed) == (("v1", "v2"), T0, False)
+    with pytest.raises(ExpiredCompletionId):
+        ids.verify(old, now=T0 + 8 * DAY)
 
 
 def test_ids_are_unique_and_fit_a_feedback_reference(ids):
     assert len({ids.issue(["v1", "v2"], issued_at=T0) for _ in range(10_000)}) == 10_000
     for versions in (["v0"] * 128, ["v123456", "v123457", "v123458", "v123459"]):
-        ChoiceRef(completion_id=ids.issue(versions))  # within ChoiceRef's max_length
+        ChoiceRef(completion_id=ids.issue(versions, routed=True))  # within ChoiceRef's max_length
 
 
 def test_every_altered_character_is_refused(ids):
-    completion_id = ids.issue(["v12", "v13"], issued_at=T0)
+    completion_id = ids.issue(["v12", "v13"], issued_at=T0, routed=True)  # the flag is signed too
     for position, original in enumerate(completion_id):
         for replacement in ALPHABET + ".=+/ \x00é":
             if replacement != original:

@@ -1,21 +1,27 @@
-"""Two serving replicas on one real broker, started from one directory (so sharing its completion id key):
-feedback on an answer either served reaches the feedback topic through the other, or through a replica
-restarted in between; an id neither issued is refused by both."""
+"""Two serving replicas on one real broker, started from one directory (so sharing its completion id key
+and its registry): feedback on an answer either served reaches the feedback topic through the other, or
+through a replica restarted in between, and counts in the other's canary trial; an id neither issued is
+refused by both."""
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
+from common.registry import PolicyRegistry
 from feedback import FeedbackEvent
 from serving.app import build_app
+from serving.canary import CanaryConfig
 from serving.completion_ids import CompletionIds
 from serving.event_log import KafkaEventLog
 from serving.settings import ServingSettings
+from tests.adapters import fake_base_model
 from tests.serving.fakes import FakeEngine
 from tests.serving.test_kafka_integration import read_topic
+from tests.serving.test_policy import publish_fake_adapter
 
 pytestmark = pytest.mark.kafka
 
@@ -45,9 +51,9 @@ def serve(client: TestClient, **extra) -> str:
     return response.json()["id"]
 
 
-def thumbs(client: TestClient, completion_id: str, choice_index: int = 0):
+def thumbs(client: TestClient, completion_id: str, choice_index: int = 0, rating: str = "up"):
     return client.post("/v1/feedback", json={"type": "thumbs", "completion_id": completion_id,
-                                             "choice_index": choice_index, "rating": "up"})
+                                             "choice_index": choice_index, "rating": rating})
 
 
 def feedback_on_topic(settings: ServingSettings, expected: int) -> dict[str, FeedbackEvent]:
@@ -89,3 +95,32 @@ def test_an_id_no_replica_issued_is_refused_by_both(settings, tmp_path):
                 assert response.json()["error"]["param"] == "completion_id"
         assert thumbs(two, genuine).status_code == 202
     assert list(feedback_on_topic(settings, 1)) == [genuine]
+
+
+def test_a_canary_counts_feedback_on_answers_the_other_replica_served(settings, tmp_path):
+    """A load balancer sends a user's feedback to either replica: each replica's trial counts it."""
+    settings = settings.model_copy(update={
+        "base_model": fake_base_model(),  # what the fake adapter fits
+        "canary": CanaryConfig(fraction=0.5, min_seconds=0, check_interval_s=3600)})  # reviewed only when asked
+    publish_fake_adapter(PolicyRegistry(settings.registry_dir), tmp_path)
+    with replica(settings, tmp_path / "spool-1") as one, replica(settings, tmp_path / "spool-2") as two:
+        for client in (one, two):
+            client.portal.call(client.app.state.policies.offer, "v1")
+        served = Counter()
+        while min(served["v0"], served["v1"]) < 3:  # replica 1 serves both arms; users like v1 only
+            response = one.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 2})
+            version = response.headers["x-policy-version"]
+            served[version] += 1
+            rating = "up" if version == "v1" else "down"
+            assert thumbs(two, response.json()["id"], rating=rating).status_code == 202
+        pinned = serve(one, model="rlhf-policy@v1")  # pinned: no evidence on either replica
+        assert thumbs(two, pinned, rating="down").status_code == 202
+        figures = [client.get("/v1/admin/policy").json()["canary"]["figures"] for client in (one, two)]
+
+    # Replica 2 counts the ratings (not the requests); replica 1 the requests (not the ratings).
+    assert {k: figures[1][k] for k in ("canary_requests", "canary_ratings", "canary_approvals",
+                                       "baseline_requests", "baseline_ratings", "baseline_approvals")} == {
+        "canary_requests": 0, "canary_ratings": served["v1"], "canary_approvals": served["v1"],
+        "baseline_requests": 0, "baseline_ratings": served["v0"], "baseline_approvals": 0}
+    assert (figures[0]["canary_requests"], figures[0]["baseline_requests"]) == (served["v1"], served["v0"])
+    assert figures[0]["canary_ratings"] == figures[0]["baseline_ratings"] == 0
