@@ -252,10 +252,12 @@ class PolicyManager:
                                     "no canary (SERVING_CANARY__FRACTION=0)", {})
 
     async def _settle(self, canary: PolicyVersion, verdict: str) -> None:
-        """End the running trial of `canary` with `verdict`: serve it from now on if promoted."""
-        self._end_trial()
+        """End the running trial of `canary` with `verdict`: serve it from now on if promoted. The switch
+        comes first: ending the trial first sent the canary's share back to the baseline while the engine
+        loaded the promoted version (seen as a flaky closed-loop test)."""
         if verdict == PROMOTED:
             await self._switch(canary)
+        self._end_trial()
 
     def _end_trial(self) -> None:
         self.trial = None

@@ -623,6 +623,25 @@ def test_a_new_version_at_start_up_goes_into_canary(app_client, canary_settings,
         assert {chat(client, model="rlhf-policy@v1")[0] for _ in range(10)} == {"v1"}
 
 
+def test_a_promotion_never_sends_the_canary_share_back_to_the_baseline(app_client, canary_settings, engine,
+                                                                        tmp_path):
+    publish_fake_adapter(PolicyRegistry(canary_settings.registry_dir), tmp_path)
+    with app_client() as client:
+        policies = client.app.state.policies
+        client.portal.call(policies.offer, "v1")
+        routed_while_loading: list[str] = []
+        load = engine.load_policy
+
+        async def slow_load(policy):  # requests keep coming while the engine loads the promoted version
+            routed_while_loading.extend(policies.resolve(None).name for _ in range(100))
+            await load(policy)
+
+        engine.load_policy = slow_load
+        assert client.post("/v1/admin/canary", json={"verdict": "promoted"}).json()["current"] == "v1"
+        # Half the requests still go to v1 while it loads (ending the trial first sent them all to v0).
+        assert set(routed_while_loading) == {"v0", "v1"}
+
+
 def test_operators_conclude_or_supersede_a_canary(app_client, canary_settings, events, tmp_path):
     registry = PolicyRegistry(canary_settings.registry_dir)
     with app_client() as client:
