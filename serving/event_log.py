@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Protocol
 
 from kafka import KafkaProducer
-from kafka.errors import CorruptRecordError, InvalidRecordError, MessageSizeTooLargeError
+from kafka.errors import CorruptRecordError, InvalidRecordError, KafkaTimeoutError, MessageSizeTooLargeError
 
 from common.kafka import ensure_topics, make_producer, wait_for_broker
 from common.keys import policy_signing_key
@@ -137,7 +137,14 @@ class KafkaEventLog:
         self._replayer.join(timeout=self._ack_timeout_s + 30)
         self._queue.put(_STOP)
         self._sender.join(timeout=self._ack_timeout_s + 30)
-        self._producer.close(timeout=10)
+        try:
+            self._producer.close(timeout=10)
+        except KafkaTimeoutError:
+            # Kafka is unreachable and the producer still holds records it never expires: they were taken
+            # back into the spool when overdue. kafka-python's close() raises on its flush before it stops its
+            # sender thread, which would then deliver them later as well: stop it here.
+            log.warning("closing during a Kafka outage: what the producer still held is in the spool")
+            self._producer._sender.force_close()
         self._spool.close()
 
     # --- Callers' side --------------------------------------------------------------------------
