@@ -27,6 +27,8 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.durable import fsync_dir
+
 _HEADER = struct.Struct("<IIQ")  # length of what follows the crc, crc32, appended_at_ms
 _STAMP = struct.Struct("<Q")
 _SUFFIX = ".seg"
@@ -127,7 +129,7 @@ class Spool:
         sequence = (self._segments[-1] if self._segments else self._cursor).sequence + 1
         path = self.directory / f"{sequence:020d}{_SUFFIX}"
         self._writer = open(path, "ab")
-        _fsync_dir(self.directory)  # the new file's name must survive a crash too
+        fsync_dir(self.directory)  # the new file's name must survive a crash too
         self._segments.append(_Segment(sequence, path, 0, 0))
         self._drop_delivered_segments()
 
@@ -227,7 +229,7 @@ class Spool:
             f.flush()
             os.fsync(f.fileno())
         os.replace(temporary, self.directory / "cursor")
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
 
 
 def _frame(payload: bytes, appended_at_ms: int) -> bytes:
@@ -261,11 +263,3 @@ def _read_from(segment: _Segment, start: int) -> bytes:
     with open(segment.path, "rb") as f:
         f.seek(start)
         return f.read(segment.end - start)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

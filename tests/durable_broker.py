@@ -7,15 +7,13 @@ KAFKA_BOOTSTRAP_SERVERS names a cluster of its own.
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import boto3
 import pytest
 
-from deploy.local import start_service, stop_service, wait_http_ok
-from deploy.local_broker import LocalBroker, free_port
+from deploy.local_broker import LocalBroker
+from tests.s3_server import local_s3_server
 
 BUCKET = "tansu"
 
@@ -28,17 +26,9 @@ def skip_on_external_cluster() -> None:
 @contextmanager
 def durable_broker(log_path=None) -> Iterator[LocalBroker]:
     """A started broker whose stop() and start() keep topics, records and group offsets."""
-    port = free_port()
-    store = start_service(["moto.server", "-p", str(port)], dict(os.environ), log_file=subprocess.DEVNULL)
-    try:
-        wait_http_ok(f"http://127.0.0.1:{port}/", store, timeout_s=60)
-        credentials = {"aws_access_key_id": "test", "aws_secret_access_key": "test", "region_name": "us-east-1"}
-        endpoint = f"http://127.0.0.1:{port}"
-        boto3.client("s3", endpoint_url=endpoint, **credentials).create_bucket(Bucket=BUCKET)
-        env = {**os.environ, "AWS_ENDPOINT": endpoint, "AWS_ALLOW_HTTP": "true", "AWS_ACCESS_KEY_ID": "test",
-               "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
-        broker = LocalBroker(log_path=log_path, storage_engine=f"s3://{BUCKET}/", env=env)
-        with broker:
+    with local_s3_server() as store:
+        store.client().create_bucket(Bucket=BUCKET)
+        # Tansu reads its store's address as AWS_ENDPOINT and needs leave to use plain HTTP.
+        env = {**os.environ, **store.env, "AWS_ENDPOINT": store.endpoint, "AWS_ALLOW_HTTP": "true"}
+        with LocalBroker(log_path=log_path, storage_engine=f"s3://{BUCKET}/", env=env) as broker:
             yield broker
-    finally:
-        stop_service(store)
