@@ -10,8 +10,11 @@ sasl.mechanism=PLAIN
 sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required username="broker" password="$KAFKA_BROKER_PASSWORD";
 PROPERTIES
 
+# The image's tools directory is not on PATH: look the tool up wherever the image puts it.
+acls=$(command -v kafka-acls.sh || find / -path '*/bin/kafka-acls.sh' 2>/dev/null | head -n 1)
+[ -n "$acls" ] || { echo "kafka-acls.sh not found in this image" >&2; exit 1; }
 acl() {
-  /opt/kafka/bin/kafka-acls.sh --bootstrap-server kafka:9092 --command-config "$config" --add --force "$@"
+  "$acls" --bootstrap-server kafka:9092 --command-config "$config" --add --force "$@"
 }
 topics="--topic $TOPIC_PREFIX --resource-pattern-type prefixed"
 
