@@ -224,7 +224,7 @@ def main() -> int:
     env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": servers, "RLHF_TOPIC_PREFIX": http_topics.topic_prefix,
            "RLHF_REGISTRY_DIR": str(work / "registry"), "SERVING_PORT": str(port),
            "SERVING_SPOOL_DIR": str(work / "spool"), "SERVING_COMPLETION_KEY": secrets.token_hex(32),
-           "SERVING_FOLLOW_POLICY_TOPIC": "false", "SERVING_AUTH": "local"}
+           "SERVING_AUTH": "local"}  # otherwise serving's defaults, as `make up` runs it
     server = start_service(["bench.feedback_bench", "--serve"], env, log_file=open(work / "server.log", "wb"))
     results = {}
     try:
