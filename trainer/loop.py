@@ -129,6 +129,7 @@ def ppo_config(settings: TrainerSettings, round_number: int) -> PPOConfig:
         steps=settings.ppo_steps,
         rollout_batch_size=settings.ppo_rollout_batch_size,
         max_new_tokens=settings.ppo_max_new_tokens,
+        ptx_coef=settings.ppo_ptx_coef,
         rollout_backend=settings.ppo_rollout_backend,
     )
 

@@ -86,6 +86,10 @@ class TrainerSettings(SharedSettings):
     ppo_max_new_tokens: int | None = Field(
         None, ge=1, description="Longest PPO rollout answer in tokens (unset: config default)."
     )
+    ppo_ptx_coef: float | None = Field(
+        None, ge=0, description="Weight of PPO's language-model term on users' corrections and corpus dialogues "
+        "(PPO-ptx; unset: PPOConfig default).",
+    )
     ppo_rollout_backend: Literal["hf", "vllm"] | None = Field(
         None,
         description="Who samples PPO's rollouts: 'vllm' (an engine of the trainer's own, started at the "
