@@ -118,11 +118,9 @@ class CompletionIds:
 
     def verify(self, completion_id: str, now: float | None = None) -> VerifiedCompletion:
         """What the id says, once its signature checks; raise InvalidCompletionId or ExpiredCompletionId."""
-        invalid = InvalidCompletionId(f"completion {completion_id!r} was not issued by this service "
-                                      "(unknown, altered or forged id)")
         shape = _SHAPE.fullmatch(completion_id)
         if shape is None:
-            raise invalid
+            raise _forged(completion_id)
         payload, mac = shape.groups()
         try:
             raw = _unb64(payload)
@@ -130,13 +128,13 @@ class CompletionIds:
             _fmt, *flags, key_id, issued_at, _nonce, n = header.unpack_from(raw)  # format 1: no flags
             names = raw[header.size:].decode().split(",")
         except (binascii.Error, struct.error, UnicodeDecodeError, IndexError, KeyError):
-            raise invalid from None
+            raise _forged(completion_id) from None
         key = self._keys.get(key_id)
         if key is None or not hmac.compare_digest(mac, self._mac(key, payload)):
-            raise invalid
+            raise _forged(completion_id)
         # Signed by us, so well formed unless a future format reached an older replica.
         if n < 1 or len(names) not in (1, n):
-            raise invalid
+            raise _forged(completion_id)
         age = (time.time() if now is None else now) - issued_at
         if age > self._max_age_s:
             raise ExpiredCompletionId(f"completion {completion_id!r} was served {age / 86400:.1f} days ago; "
@@ -148,3 +146,8 @@ class CompletionIds:
     def _mac(key: bytes, payload: str) -> str:
         return _b64(hmac.new(key, f"{PREFIX}{payload}".encode(), hashlib.sha256).digest())
 
+
+def _forged(completion_id: str) -> InvalidCompletionId:
+    # Built only when raised: verify() runs on every piece of feedback.
+    return InvalidCompletionId(f"completion {completion_id!r} was not issued by this service "
+                               "(unknown, altered or forged id)")
