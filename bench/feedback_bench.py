@@ -199,7 +199,8 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--events", type=int, default=20_000, help="measured events per path")
     parser.add_argument("--batch", type=int, default=100, help="events per request on the batch path")
-    parser.add_argument("--batch-concurrency", type=int, default=4, help="clients on the batch path")
+    parser.add_argument("--batch-concurrency", type=int, default=3,
+                        help="clients on the batch path (3 keep these 2 cores busy; 4 only queue: p99 +20 ms)")
     parser.add_argument("--completions", type=int, default=200, help="completions served, then rated")
     parser.add_argument("--warmup", type=int, default=1_000, help="HTTP feedback before the measured run")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # the server process
@@ -254,14 +255,17 @@ def main() -> int:
     for name, r in results.items():
         print(f"{name:32} {r['events/s']:9.0f} {r['p50 ms']:8.1f} {r['p99 ms']:8.1f} {r['accepted']:9d} "
               f"{r['arrived']:8d} {r['lost']:5d} {r['duplicates']:4d}  {r.get('refused', '')}")
-    http = results["HTTP, serving app"]
     closed = results[f"bare producer, {args.concurrency} in flight"]
-    print(f"HTTP / bare producer: {http['events/s'] / blast['events/s']:.2f}x all at once, "
-          f"{http['events/s'] / closed['events/s']:.2f}x with {args.concurrency} in flight")
-    met = (http["events/s"] >= GOAL["events/s"] and http["p99 ms"] < GOAL["p99 ms"] and http["lost"] == 0
-           and http["events/s"] / blast["events/s"] >= GOAL["ratio"])
-    print(f"goal (>= {GOAL['events/s']} events/s, p99 < {GOAL['p99 ms']} ms, none lost, >= {GOAL['ratio']}x the "
-          f"bare producer): {'met' if met else 'not met'}")
+    print(f"goal: >= {GOAL['events/s']} events/s, p99 < {GOAL['p99 ms']} ms, none lost, >= {GOAL['ratio']}x the "
+          "bare producer (all at once, its ceiling)")
+    for name in ("HTTP, serving app", f"HTTP batch of {args.batch}"):
+        http = results[name]
+        ratio = http["events/s"] / blast["events/s"]
+        checks = {"events/s": http["events/s"] >= GOAL["events/s"], "p99": http["p99 ms"] < GOAL["p99 ms"],
+                  "none lost": http["lost"] == 0, "ratio": ratio >= GOAL["ratio"]}
+        missed = [check for check, ok in checks.items() if not ok]
+        print(f"{name}: {ratio:.2f}x the bare producer all at once, {http['events/s'] / closed['events/s']:.2f}x "
+              f"with {args.concurrency} in flight; goal {'met' if not missed else 'not met: ' + ', '.join(missed)}")
     return 0
 
 
