@@ -420,6 +420,11 @@ def _opinions(feedback: Iterable[FeedbackEvent], completions: Mapping[str, Compl
             case PairwiseFeedback() if item.preference == "tie":
                 key = ("pair", user, prompt, frozenset(answer.text for answer in answers))
                 keep(key, _Kept(order, 0, event.event_id, user, None))
+                if item.both_bad:  # Chatbot Arena's "both are bad": a thumbs down on each answer
+                    for place, answer in enumerate(answers, start=1):
+                        label = PointwiseLabel(prompt, answer.text, 0.0)
+                        keep(("rating", user, prompt, answer.text),
+                             _Kept(order, place, event.event_id, user, label))
             case PairwiseFeedback():
                 a, b = answers
                 comparisons.append((a, b) if item.preference == "a" else (b, a))
@@ -478,7 +483,7 @@ def to_training_data(
 
     thumbs -> pointwise label (up 1, down 0); rating -> pointwise label (1-7 scaled to 0-1), never also
     pairs between rated answers (that would count one rating twice); pairwise -> one pair (a tie gives
-    none); ranking -> its K-choose-2 pairs; correction -> demonstration, plus the correction preferred over
+    none; a tie with `both_bad` a 0 label on each answer, as two thumbs down would); ranking -> its K-choose-2 pairs; correction -> demonstration, plus the correction preferred over
     the answer it corrects. Every event's pairs form one PreferenceGroup (events are not merged by prompt).
 
     One opinion per user and thing, the latest (received_at) kept: per answer for thumbs and ratings alike,

@@ -143,6 +143,18 @@ def test_pairwise_gives_one_pair_and_a_tie_none():
     assert data.reward.pointwise == []
 
 
+def test_both_bad_is_a_thumbs_down_on_each_answer_and_a_later_thumbs_up_replaces_one():
+    data = to_training_data(
+        [
+            feedback(type="pairwise", a=ref("c1", 0), b=ref("c1", 2), preference="tie", both_bad=True, at=1),
+            feedback(type="thumbs", completion_id="c1", choice_index=2, rating="up", at=2),
+        ],
+        COMPLETIONS,
+    )
+    assert data.reward.groups == []
+    assert data.reward.pointwise == [PointwiseLabel(PROMPT, "White.", 0.0), PointwiseLabel(PROMPT, "Blue.", 1.0)]
+
+
 def test_ranking_gives_all_pairs_in_one_group():
     data = to_training_data(
         [feedback(type="ranking", ranked=[ref("c1", 1), ref("c2", 0), ref("c1", 2)])], COMPLETIONS
