@@ -101,7 +101,6 @@ class KafkaEventLog:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._in_flight: dict[_Pending, float] = {}  # sent, not yet acknowledged nor failed: by deadline
-        self._settlements: _Settlements | None = None  # of the callers' event loop (one in a server)
         self._stopping = threading.Event()
         self._spooled = threading.Event()  # wakes the replayer
         self._replayer = threading.Thread(target=self._replay_loop, name="event-replay", daemon=True)
@@ -156,11 +155,14 @@ class KafkaEventLog:
             raise EventLogUnavailable("too many events are waiting for Kafka", retry_after_s=1)
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        settlements = self._settlements
-        if settlements is None or settlements.loop is not loop:
-            settlements = self._settlements = _Settlements(loop)
-        self._queue.put(_Pending(kind, topic, key, event.model_dump_json(),
-                                 lambda error: settlements.add(future, error), spool))
+
+        def settle(error: BaseException | None) -> None:
+            try:
+                loop.call_soon_threadsafe(_settle, future, error)
+            except RuntimeError:  # the loop is closed: nobody waits any more
+                pass
+
+        self._queue.put(_Pending(kind, topic, key, event.model_dump_json(), settle, spool))
         # Settled within the delivery timeout and its grace; this bound is for a stuck sender thread only.
         guard = loop.call_later(self._ack_timeout_s + GRACE_S + 10, _expire, future, kind)
         try:
@@ -355,32 +357,6 @@ def _outcome(future, timeout_s: float) -> BaseException | None:
     except Exception as exc:
         return exc
     return None
-
-
-class _Settlements:
-    """Callers' futures on one event loop, settled from the producer's threads in bunches: one wake-up of
-    the loop (a write to its self-pipe) for all acknowledgements that arrive together, not one each."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop = loop
-        self._lock = threading.Lock()
-        self._ready: list[tuple[asyncio.Future, BaseException | None]] = []
-
-    def add(self, future: asyncio.Future, error: BaseException | None) -> None:
-        with self._lock:
-            self._ready.append((future, error))
-            if len(self._ready) > 1:
-                return  # a drain is scheduled already
-        try:
-            self.loop.call_soon_threadsafe(self._drain)
-        except RuntimeError:  # the loop is closed: nobody waits any more
-            pass
-
-    def _drain(self) -> None:
-        with self._lock:
-            ready, self._ready = self._ready, []
-        for future, error in ready:
-            _settle(future, error)
 
 
 def _settle(future: asyncio.Future, error: BaseException | None) -> None:
